@@ -1,0 +1,87 @@
+"""Where the run executes: ranks from torchrun or SLURM, the process group, barriers, self-launch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+from .errors import StemdistError
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    launcher: str = "none"  # none | torchrun | slurm
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // self.local_world_size)
+
+
+def detect() -> Ranks:
+    """Ranks as set by torchrun (or any torchelastic launcher) or by srun under SLURM."""
+    if TorchElasticEnvironment.detect():
+        env = TorchElasticEnvironment()
+        return Ranks(env.global_rank(), env.local_rank(), env.world_size(),
+                     int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size())), "torchrun")
+    if SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        env = SLURMEnvironment()
+        nodes = int(os.environ.get("SLURM_NNODES", "1"))
+        per_node = int(os.environ.get("SLURM_NTASKS_PER_NODE", str(env.world_size() // nodes)).split("(")[0])
+        os.environ.setdefault("MASTER_ADDR", env.main_address)
+        os.environ.setdefault("MASTER_PORT", str(env.main_port))
+        return Ranks(env.global_rank(), env.local_rank(), env.world_size(), per_node, "slurm")
+    return Ranks()
+
+
+def init(ranks: Ranks, use_cuda: bool) -> None:
+    """Join the process group early (Lightning reuses it), so that set-up and inference can sync."""
+    if ranks.world_size == 1 or dist.is_initialized():
+        return
+    if use_cuda:
+        torch.cuda.set_device(ranks.local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=ranks.rank, world_size=ranks.world_size,
+                            timeout=timedelta(minutes=30))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def run_on_main(fn, ranks: Ranks):
+    """Run ``fn`` on rank 0 only; every rank gets its result, or raises the error rank 0 met."""
+    result, error = None, None
+    if ranks.is_main:
+        try:
+            result = fn()
+        except StemdistError as exc:
+            error = exc
+    if dist.is_initialized():
+        box = [result, error]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box
+    if error is not None:
+        raise error
+    return result
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """Run this command again under torchrun with ``nproc`` processes on this node."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "stemdist", *argv]
+    return subprocess.call(cmd)

@@ -1,0 +1,46 @@
+"""Figures people look at: virtual images of raw vs denoised (vs a high-dose reference)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.array as da
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import zarr  # noqa: E402
+
+
+def virtual_bf(arr: zarr.Array | da.Array) -> np.ndarray:
+    """Sum over the detector of every pattern (the reference's bright-field image), streamed."""
+    darr = arr if isinstance(arr, da.Array) else da.from_zarr(arr)
+    return darr.astype(np.float64).sum(axis=(2, 3)).compute()
+
+
+def image_panels(path: str | Path, panels: dict[str, np.ndarray], title: str = "") -> Path:
+    """One row of images with a shared colour scale per image, each with its own colour bar."""
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
+    for ax, (name, img) in zip(axes[0], panels.items(), strict=True):
+        im = ax.imshow(img, cmap="gray")
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def denoised_figure(path: str | Path, raw: zarr.Array, denoised: zarr.Array,
+                    reference: zarr.Array | da.Array | None = None) -> Path:
+    """``denoised.png``: virtual bright-field of raw, denoised and (when given) the high-dose reference."""
+    panels = {"raw": virtual_bf(raw), "denoised": virtual_bf(denoised)}
+    if reference is not None:
+        panels["high-dose reference"] = virtual_bf(reference)
+    return image_panels(path, panels, "virtual bright-field (sum over the detector)")

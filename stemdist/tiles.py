@@ -1,0 +1,146 @@
+"""What is computed per scan tile: tile geometry, halo reads with the cycle blend, neighbour gathers.
+
+Nothing here knows about ranks, loader workers or GPUs; the dataset and the inference pass decide
+*where* tiles are processed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import zarr
+
+# Channel order of the 8 neighbours (di, dj), as in the reference.
+OFFSETS = np.array([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
+Borders = Literal["reflect", "copy"]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A scan of ``H x W`` positions cut into tiles of ``ty x tx`` (the Zarr chunks over the scan)."""
+
+    H: int
+    W: int
+    ty: int
+    tx: int
+
+    @classmethod
+    def of(cls, arr: zarr.Array) -> Grid:
+        return cls(arr.shape[0], arr.shape[1], arr.chunks[0], arr.chunks[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return -(-self.H // self.ty), -(-self.W // self.tx)
+
+    @property
+    def n_tiles(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def bounds(self, t: int) -> tuple[int, int, int, int]:
+        """``(y0, y1, x0, x1)`` of tile ``t`` (raster order)."""
+        cy, cx = divmod(int(t), self.shape[1])
+        return cy * self.ty, min((cy + 1) * self.ty, self.H), cx * self.tx, min((cx + 1) * self.tx, self.W)
+
+    def sample_box(self, t: int, borders: Borders) -> tuple[int, int, int, int]:
+        """Positions of tile ``t`` that are training samples (all, or the interior for ``copy``)."""
+        y0, y1, x0, x1 = self.bounds(t)
+        if borders == "copy":
+            y0, y1, x0, x1 = max(y0, 1), min(y1, self.H - 1), max(x0, 1), min(x1, self.W - 1)
+        return y0, max(y0, y1), x0, max(x0, x1)
+
+    def n_samples(self, t: int, borders: Borders) -> int:
+        y0, y1, x0, x1 = self.sample_box(t, borders)
+        return (y1 - y0) * (x1 - x0)
+
+    def sample_counts(self, borders: Borders) -> np.ndarray:
+        return np.array([self.n_samples(t, borders) for t in range(self.n_tiles)], dtype=np.int64)
+
+
+class BlockReader:
+    """Reads scan blocks with a one-position halo of ``(1 - beta) * raw + beta * den`` as float32.
+
+    Whole chunks are decoded and kept in a small LRU cache, so the halo rows that a tile borrows from
+    its neighbours cost no extra decode when those neighbours are read next. Memory is bounded by
+    ``cache_chunks`` chunks.
+    """
+
+    def __init__(self, raw: zarr.Array, den: zarr.Array | None = None, beta: float = 0.0,
+                 cache_chunks: int = 12, grid: Grid | None = None):
+        self.raw, self.den, self.beta = raw, den, float(beta)
+        if den is not None and den.shape != raw.shape:
+            raise ValueError(f"blend arrays differ in shape: {raw.shape} vs {den.shape}")
+        self.grid = grid or Grid.of(raw)
+        self.cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self.cache_chunks = max(1, cache_chunks)
+
+    def _chunk(self, cy: int, cx: int) -> np.ndarray:
+        key = (cy, cx)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        g = self.grid
+        sl = (slice(cy * g.ty, min((cy + 1) * g.ty, g.H)), slice(cx * g.tx, min((cx + 1) * g.tx, g.W)))
+        block = np.asarray(self.raw[sl], dtype=np.float32)
+        if self.den is not None and self.beta != 0.0:
+            den = np.asarray(self.den[sl], dtype=np.float32)
+            if self.beta == 1.0:
+                block = den
+            else:
+                block *= 1.0 - self.beta
+                block += self.beta * den
+        self.cache[key] = block
+        if len(self.cache) > self.cache_chunks:
+            self.cache.popitem(last=False)
+        return block
+
+    def region(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """The blended cube over ``[y0, y1) x [x0, x1)`` (inside the scan), assembled from chunks."""
+        g = self.grid
+        P, Q = self.raw.shape[2:]
+        out = np.empty((y1 - y0, x1 - x0, P, Q), dtype=np.float32)
+        for cy in range(y0 // g.ty, (y1 - 1) // g.ty + 1):
+            for cx in range(x0 // g.tx, (x1 - 1) // g.tx + 1):
+                chunk = self._chunk(cy, cx)
+                cy0, cx0 = cy * g.ty, cx * g.tx
+                ya, yb = max(y0, cy0), min(y1, cy0 + chunk.shape[0])
+                xa, xb = max(x0, cx0), min(x1, cx0 + chunk.shape[1])
+                out[ya - y0:yb - y0, xa - x0:xb - x0] = chunk[ya - cy0:yb - cy0, xa - cx0:xb - cx0]
+        return out
+
+    def block(self, t: int) -> np.ndarray:
+        """Tile ``t`` with a one-position halo on every side, ``(ty + 2, tx + 2, P, Q)``.
+
+        Halo positions outside the scan are filled by reflection (index -1 -> 1, H -> H - 2), so a
+        border position's missing neighbours are real, distinct patterns and never the centre itself.
+        """
+        y0, y1, x0, x1 = self.grid.bounds(t)
+        H, W = self.grid.H, self.grid.W
+        ya, yb, xa, xb = max(y0 - 1, 0), min(y1 + 1, H), max(x0 - 1, 0), min(x1 + 1, W)
+        inner = self.region(ya, yb, xa, xb)
+        pad = ((ya - (y0 - 1), (y1 + 1) - yb), (xa - (x0 - 1), (x1 + 1) - xb), (0, 0), (0, 0))
+        if any(p for p in pad[0] + pad[1]):
+            inner = np.pad(inner, pad, mode="reflect")
+        return inner
+
+
+def gather(blocks: np.ndarray, k: np.ndarray, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbours ``(n, 8, P, Q)`` and centres ``(n, 1, P, Q)`` of positions ``(i, j)`` of blocks ``k``.
+
+    ``blocks`` is ``(K, ty + 2, tx + 2, P, Q)`` (tiles with halo); ``i, j`` index the tile (no halo).
+    """
+    ii = i[:, None] + 1 + OFFSETS[None, :, 0]
+    jj = j[:, None] + 1 + OFFSETS[None, :, 1]
+    neighbours = blocks[k[:, None], ii, jj]
+    centres = blocks[k, i + 1, j + 1][:, None]
+    return neighbours, centres
+
+
+def tile_positions(grid: Grid, t: int, borders: Borders) -> tuple[np.ndarray, np.ndarray]:
+    """Raster-ordered sample positions of tile ``t``, as indices inside the tile."""
+    y0, _, x0, _ = grid.bounds(t)
+    sy0, sy1, sx0, sx1 = grid.sample_box(t, borders)
+    ii, jj = np.meshgrid(np.arange(sy0, sy1) - y0, np.arange(sx0, sx1) - x0, indexing="ij")
+    return ii.ravel(), jj.ravel()

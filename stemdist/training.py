@@ -1,0 +1,109 @@
+"""One cycle's training: the sharded loader and a Lightning Trainer (DDP when there are several ranks)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from .config import Config
+from .dataset import NeighbourPatches
+from .distributed import Ranks
+from .module import Denoiser
+
+log = logging.getLogger("stemdist")
+
+
+def use_cuda(config: Config) -> bool:
+    return config.hardware.accelerator != "cpu" and torch.cuda.is_available()
+
+
+def precision(config: Config) -> str:
+    p = config.hardware.precision
+    if p == "auto":
+        return "bf16-mixed" if use_cuda(config) and torch.cuda.is_bf16_supported() else "32-true"
+    return "32-true" if p == "32" else p
+
+
+def _worker_init(_: int) -> None:
+    """One codec thread per loader worker: N workers x M threads would oversubscribe the CPU."""
+    from numcodecs import blosc
+
+    blosc.set_nthreads(1)
+    torch.set_num_threads(1)
+
+
+def loader(dataset: NeighbourPatches, config: Config) -> DataLoader:
+    workers = config.data.num_workers
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=use_cuda(config),
+                      persistent_workers=workers > 0, worker_init_fn=_worker_init if workers else None,
+                      prefetch_factor=config.data.prefetch_factor if workers else None)
+
+
+def loggers(run_dir: Path, cycle: int) -> list:
+    out = [CSVLogger(run_dir / "logs", name=f"cycle_{cycle:02d}", version="")]
+    try:
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        import tensorboard  # noqa: F401
+
+        out.append(TensorBoardLogger(run_dir / "logs", name="tensorboard", version=f"cycle_{cycle:02d}"))
+    except ImportError:
+        pass
+    return out
+
+
+def checkpoint_dir(run_dir: Path, cycle: int) -> Path:
+    return run_dir / "checkpoints" / f"cycle_{cycle:02d}"
+
+
+def trainer(config: Config, ranks: Ranks, run_dir: Path, cycle: int) -> pl.Trainer:
+    hw = config.hardware
+    devices, num_nodes = (ranks.local_world_size, ranks.num_nodes) if ranks.world_size > 1 else (1, 1)
+    strategy = hw.strategy
+    if strategy == "auto" and ranks.world_size > 1:
+        strategy = "ddp"
+    return pl.Trainer(
+        accelerator="gpu" if use_cuda(config) else "cpu",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision=precision(config),
+        max_epochs=config.train.epochs,
+        logger=loggers(run_dir, cycle),
+        callbacks=[ModelCheckpoint(dirpath=checkpoint_dir(run_dir, cycle), save_last=True, save_top_k=0,
+                                   every_n_epochs=1)],
+        use_distributed_sampler=False,
+        enable_progress_bar=config.output.progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        default_root_dir=run_dir,
+    )
+
+
+def train_cycle(module: Denoiser, config: Config, ranks: Ranks, run_dir: Path, cycle: int, raw: str,
+                den: str | None, beta: float) -> None:
+    """Train ``module`` for one cycle on ``(1 - beta) raw + beta den``, resuming from its last checkpoint."""
+    c = config
+    dataset = NeighbourPatches(
+        raw, den, beta, batch_size=c.train.batch_size, borders=c.data.borders, target=c.train.target,
+        shuffle_tiles=c.data.shuffle_tiles, cache_chunks=c.data.cache_chunks, num_workers=c.data.num_workers,
+        seed=c.train.seed, cycle=cycle, rank=ranks.rank, world_size=ranks.world_size)
+    plan = dataset.plan(0)
+    if ranks.is_main:
+        log.info("cycle %d: blend beta %.3f, %d samples per epoch, %d batches of %d per rank, %d repeated samples "
+                 "to even out %d shards", cycle, beta if den else 0.0, plan.total, len(dataset), c.train.batch_size,
+                 plan.repeats, dataset.n_shards)
+    ckpt = checkpoint_dir(run_dir, cycle) / "last.ckpt"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*IterableDataset.*__len__.*")
+        trainer(config, ranks, run_dir, cycle).fit(
+            module, train_dataloaders=loader(dataset, config), ckpt_path=str(ckpt) if ckpt.exists() else None)
