@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,11 @@ from typing import Any
 
 from . import config as cfg
 from .errors import StemdistError
+
+# Subcommands defined in their own modules (each has ``add_parser(subparsers)``).
+EXTRA_COMMANDS = (
+    "bench",
+)
 
 SHORTCUTS = {  # CLI flag / API keyword -> config key
     "cycles": "train.cycles",
@@ -146,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="denoise a synthetic cube with the smoke configuration")
     s.add_argument("--out", default="stemdist-demo")
     s.set_defaults(func=cmd_demo)
+
+    for name in EXTRA_COMMANDS:  # modules with add_parser(sub) that set args.func
+        importlib.import_module(f"stemdist.{name}").add_parser(sub)
     return p
 
 
