@@ -15,6 +15,7 @@ from .errors import StemdistError
 # Subcommands defined in their own modules (each has ``add_parser(subparsers)``).
 EXTRA_COMMANDS = (
     "bench",
+    "info",
 )
 
 SHORTCUTS = {  # CLI flag / API keyword -> config key
@@ -61,9 +62,9 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from .storage import export_npy
+    from .exporters import export
 
-    export_npy(a.input, a.output, dataset=a.dataset)
+    export(a.input, a.output, dataset=a.dataset, overwrite=a.overwrite)
     print(f"wrote {a.output}")
     return 0
 
@@ -143,10 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("export", help="write a Zarr cube back to .npy (streamed)")
-    s.add_argument("input")
-    s.add_argument("output")
-    s.add_argument("--dataset")
+    s = sub.add_parser("export", help="write a Zarr cube or a run's result to .npy, py4DSTEM .h5/.emd or "
+                       "HyperSpy .hspy (streamed)")
+    s.add_argument("input", help="Zarr cube, or a run directory (its final denoised cube)")
+    s.add_argument("output", help="format by suffix: .npy, .h5/.hdf5/.emd (py4DSTEM DataCube), "
+                   ".hspy (HyperSpy)")
+    s.add_argument("--dataset", help="array in a Zarr group (for a run directory: default final)")
+    s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("demo", help="denoise a synthetic cube with the smoke configuration")
