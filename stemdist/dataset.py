@@ -18,7 +18,7 @@ import torch
 import zarr
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .tiles import Borders, BlockReader, Grid, gather, tile_positions
+from .tiles import Borders, BlockReader, Grid, gather_centres, gather_neighbours, tile_positions
 
 Segment = tuple[int, int, int]  # (tile, first sample, end sample) in the tile's raster order
 
@@ -132,8 +132,8 @@ class NeighbourPatches(IterableDataset):
             start = 0
             if left_x is not None:  # complete the batch carried over from the previous group
                 need = B - len(left_x)
-                x, _ = gather(xs, k[:need], i[:need], j[:need])
-                _, y = gather(ys, k[:need], i[:need], j[:need])
+                x = gather_neighbours(xs, k[:need], i[:need], j[:need])
+                y = gather_centres(ys, k[:need], i[:need], j[:need])
                 left_x, left_y = np.concatenate([left_x, x]), np.concatenate([left_y, y])
                 start = need
                 if len(left_x) == B:
@@ -143,8 +143,8 @@ class NeighbourPatches(IterableDataset):
                     continue
             for s in range(start, len(k), B):
                 sl = slice(s, min(s + B, len(k)))
-                x, _ = gather(xs, k[sl], i[sl], j[sl])
-                _, y = gather(ys, k[sl], i[sl], j[sl])
+                x = gather_neighbours(xs, k[sl], i[sl], j[sl])
+                y = gather_centres(ys, k[sl], i[sl], j[sl])
                 if len(x) == B:
                     yield torch.from_numpy(x), torch.from_numpy(y)
                 else:

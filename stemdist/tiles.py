@@ -131,11 +131,19 @@ def gather(blocks: np.ndarray, k: np.ndarray, i: np.ndarray, j: np.ndarray) -> t
 
     ``blocks`` is ``(K, ty + 2, tx + 2, P, Q)`` (tiles with halo); ``i, j`` index the tile (no halo).
     """
+    return gather_neighbours(blocks, k, i, j), gather_centres(blocks, k, i, j)
+
+
+def gather_neighbours(blocks: np.ndarray, k: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """The ``(n, 8, P, Q)`` half of :func:`gather` (the costly one: skip it where only centres are needed)."""
     ii = i[:, None] + 1 + OFFSETS[None, :, 0]
     jj = j[:, None] + 1 + OFFSETS[None, :, 1]
-    neighbours = blocks[k[:, None], ii, jj]
-    centres = blocks[k, i + 1, j + 1][:, None]
-    return neighbours, centres
+    return blocks[k[:, None], ii, jj]
+
+
+def gather_centres(blocks: np.ndarray, k: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """The ``(n, 1, P, Q)`` half of :func:`gather`."""
+    return blocks[k, i + 1, j + 1][:, None]
 
 
 def tile_positions(grid: Grid, t: int, borders: Borders) -> tuple[np.ndarray, np.ndarray]:
