@@ -110,6 +110,8 @@ class Config:
             raise ConfigError(f"train.warmup_epochs must be >= 0, got {self.train.warmup_epochs}")
         if not self.train.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.train.lr}")
+        if self.output.final == "mean" and self.output.keep_cycles != "all":
+            raise ConfigError("output.final: mean averages every cycle, so it needs output.keep_cycles: all")
         for key in ("mean_weight", "sum_weight"):
             if getattr(self.train, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self.train, key)}")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
@@ -46,17 +47,45 @@ def loader(dataset: NeighbourPatches, config: Config) -> DataLoader:
                       prefetch_factor=config.data.prefetch_factor if workers else None)
 
 
+class LossLog(Callback):
+    """Appends one row per epoch to ``logs/losses.csv`` (cycle, epoch, phase, loss): survives resumes."""
+
+    def __init__(self, path: Path, cycle: int):
+        self.path, self.cycle, self.t0 = path, cycle, 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.global_rank != 0 or "loss_epoch" not in trainer.callback_metrics:
+            return
+        new = not self.path.exists()
+        with open(self.path, "a") as f:
+            if new:
+                f.write("cycle,epoch,phase,loss,seconds\n")
+            phase = "warmup" if module.in_warmup() else "poisson"
+            loss = float(trainer.callback_metrics["loss_epoch"])
+            f.write(f"{self.cycle},{trainer.current_epoch},{phase},{loss:.6g},{time.perf_counter() - self.t0:.3f}\n")
+
+
 def loggers(run_dir: Path, cycle: int) -> list:
-    out = [CSVLogger(run_dir / "logs", name=f"cycle_{cycle:02d}", version="")]
+    name = f"cycle_{cycle:02d}"
+    attempt = 0  # a resumed cycle logs beside its first attempt, never over it
+    while (run_dir / "logs" / name / (f"resumed_{attempt}" if attempt else "") / "metrics.csv").exists():
+        attempt += 1
+    out = [CSVLogger(run_dir / "logs", name=name, version=f"resumed_{attempt}" if attempt else "")]
     try:
         from pytorch_lightning.loggers import TensorBoardLogger
 
         import tensorboard  # noqa: F401
 
-        out.append(TensorBoardLogger(run_dir / "logs", name="tensorboard", version=f"cycle_{cycle:02d}"))
+        out.append(TensorBoardLogger(run_dir / "logs", name="tensorboard", version=name))
     except ImportError:
         pass
     return out
+
+
+LOSSES = "losses.csv"
 
 
 def checkpoint_dir(run_dir: Path, cycle: int) -> Path:
@@ -77,8 +106,12 @@ def trainer(config: Config, ranks: Ranks, run_dir: Path, cycle: int) -> pl.Train
         precision=precision(config),
         max_epochs=config.train.epochs,
         logger=loggers(run_dir, cycle),
-        callbacks=[ModelCheckpoint(dirpath=checkpoint_dir(run_dir, cycle), save_last=True, save_top_k=0,
-                                   every_n_epochs=1)],
+        callbacks=[
+            # one checkpoint, overwritten every epoch: what --resume continues from
+            ModelCheckpoint(dirpath=checkpoint_dir(run_dir, cycle), filename="last", monitor=None, save_top_k=1,
+                            every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False),
+            LossLog(run_dir / "logs" / LOSSES, cycle),
+        ],
         use_distributed_sampler=False,
         enable_progress_bar=config.output.progress,
         enable_model_summary=False,

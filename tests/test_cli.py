@@ -1,0 +1,190 @@
+"""The command line end to end on real Zarr stores: outputs, input untouched, resume, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+
+from stemdist.metrics import relative_rmse
+
+from .conftest import SMOKE, run_cli
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+        h.update(str(f.stat().st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+def test_denoise_smoke_writes_every_output_and_improves(tmp_path, smoke_cube):
+    before = tree_digest(smoke_cube)
+    run = tmp_path / "run"
+    run_cli("denoise", str(smoke_cube / "noisy"), "--out", str(run), *SMOKE, "--reference",
+            str(smoke_cube / "truth"))
+    assert tree_digest(smoke_cube) == before  # the input is never modified
+    group = zarr.open_group(str(run / "denoised.zarr"), mode="r")
+    raw = zarr.open_array(str(smoke_cube / "noisy"), mode="r")
+    for name in ("cycle_01", "cycle_02", "final"):
+        arr = group[name]
+        assert arr.attrs["complete"] is True
+        assert arr.shape == raw.shape and arr.chunks == raw.chunks and arr.dtype == np.float32
+    for f in ("unet_denoiser.pt", "config.yaml", "denoised.png", "run.json", "stemdist.log"):
+        assert (run / f).stat().st_size > 0, f
+    truth = zarr.open_array(str(smoke_cube / "truth"), mode="r")
+    assert relative_rmse(group["final"], truth) < 0.6 * relative_rmse(raw, truth)
+    assert (np.asarray(group["final"][...]) >= 0).all()
+
+
+def test_keep_last_copy_borders_and_npy_input(tmp_path, small_cube):
+    """A .npy input is converted into the run; keep_cycles=last leaves only the final cycle."""
+    npy = tmp_path / "cube.npy"
+    data = zarr.open_array(str(small_cube / "noisy"), mode="r")[...]
+    np.save(npy, data)
+    run = tmp_path / "run"
+    run_cli("denoise", str(npy), "--out", str(run), *SMOKE, "--set", "output.keep_cycles=last",
+            "--set", "data.borders=copy", "--cycles", "3")
+    group = zarr.open_group(str(run / "denoised.zarr"), mode="r")
+    assert sorted(group.array_keys()) == ["cycle_03", "final"]
+    final = group["final"][...]
+    cycle2_mix = final  # borders are copied from the last cycle's blend (beta=1: the previous cycle)
+    assert final.shape == data.shape
+    assert np.isfinite(cycle2_mix).all()
+    assert zarr.open_array(str(run / "input.zarr"), mode="r")[...].tolist() == data.tolist()
+    assert np.array_equal(np.load(npy), data)
+
+
+def test_export_roundtrip(tmp_path, small_cube):
+    out = tmp_path / "truth.npy"
+    run_cli("export", str(small_cube / "truth"), str(out))
+    np.testing.assert_array_equal(np.load(out), zarr.open_array(str(small_cube / "truth"), mode="r")[...])
+
+
+def test_interrupted_run_finishes_with_resume(tmp_path, smoke_cube):
+    run = tmp_path / "run"
+    args = ["denoise", str(smoke_cube / "noisy"), "--out", str(run), *SMOKE, "--epochs", "8"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "stemdist", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = run / "checkpoints" / "cycle_02" / "last.ckpt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # a hard crash in the middle of cycle 2's training
+    proc.wait()
+    group = zarr.open_group(str(run / "denoised.zarr"), mode="r")
+    assert group["cycle_01"].attrs["complete"] is True
+    assert "final" not in group and "cycle_02" not in group
+    cycle1 = tree_digest(run / "denoised.zarr" / "cycle_01")
+    proc = run_cli("denoise", str(smoke_cube / "noisy"), "--out", str(run), "--resume", "--quiet")
+    group = zarr.open_group(str(run / "denoised.zarr"), mode="r")
+    assert group["final"].attrs["complete"] is True and group["cycle_02"].attrs["complete"] is True
+    assert tree_digest(run / "denoised.zarr" / "cycle_01") == cycle1  # not recomputed
+    log = (run / "stemdist.log").read_text()
+    assert "resuming after complete cycle 1 of 2" in log
+    rows = [r.split(",") for r in (run / "logs" / "losses.csv").read_text().splitlines()[1:]]
+    cycle2 = [int(r[1]) for r in rows if r[0] == "2"]
+    assert set(cycle2) == set(range(8))
+    assert cycle2.count(0) == 1  # resumed inside cycle 2 from its epoch checkpoint, not from scratch
+
+
+def write_bad(tmp_path: Path, kind: str) -> list[str]:
+    rng = np.random.default_rng(0)
+    good = rng.poisson(1.0, (4, 5, 6, 6)).astype(np.float32)
+    if kind == "3d":
+        np.save(tmp_path / "x.npy", good[0])
+    elif kind == "small-scan":
+        np.save(tmp_path / "x.npy", good[:2])
+    elif kind == "nan":
+        good[1, 2, 3, 4] = np.nan
+        np.save(tmp_path / "x.npy", good)
+    elif kind == "inf":
+        good[1, 2, 3, 4] = np.inf
+        np.save(tmp_path / "x.npy", good)
+    elif kind == "negative":
+        good[3, 4, 0, 0] = -1
+        np.save(tmp_path / "x.npy", good)
+    elif kind == "missing":
+        return [str(tmp_path / "nothing.npy")]
+    elif kind == "h5-missing-key":
+        with h5py.File(tmp_path / "x.h5", "w") as f:
+            f["data"] = good
+        return [str(tmp_path / "x.h5"), "--dataset", "wrong"]
+    return [str(tmp_path / "x.npy")]
+
+
+@pytest.mark.parametrize("kind,needle", [
+    ("3d", "expected a 4-D cube"),
+    ("small-scan", "at least 3 x 3"),
+    ("nan", "NaN or infinite"),
+    ("inf", "NaN or infinite"),
+    ("negative", "negative"),
+    ("missing", "does not exist"),
+    ("h5-missing-key", "no dataset 'wrong'"),
+])
+def test_bad_input_is_one_clear_error(tmp_path, kind, needle):
+    args = write_bad(tmp_path, kind)
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    for cmd in (["denoise", *args, "--out", str(tmp_path / "run"), *SMOKE], ["convert", *args,
+                                                                              str(tmp_path / "c.zarr")]):
+        proc = run_cli(*cmd, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert needle in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "c.zarr").exists()
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_bad_zarr_input_values(tmp_path):
+    from stemdist import storage
+
+    arr = storage.create_cube(tmp_path / "neg.zarr", None, (4, 4, 3, 3), 2, "float32")
+    arr[...] = 1.0
+    arr[3, 3, 2, 2] = -0.5
+    proc = run_cli("denoise", str(tmp_path / "neg.zarr"), "--out", str(tmp_path / "run"), *SMOKE, check=False)
+    assert proc.returncode == 2 and "negative" in proc.stderr
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--set", "train.nope=1"], "unknown key train.nope"),
+    (["--set", "train.batch_size=-4"], "train.batch_size must be >= 1"),
+    (["--config", "no-such-config"], "not found"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, smoke_cube, extra, needle):
+    run = tmp_path / "run"
+    proc = run_cli("denoise", str(smoke_cube / "noisy"), "--out", str(run), *SMOKE, *extra, check=False)
+    assert proc.returncode == 2 and needle in proc.stderr
+    assert not run.exists()
+
+
+def test_existing_run_dir_needs_resume(tmp_path, smoke_cube):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "precious.txt").write_text("keep me")
+    proc = run_cli("denoise", str(smoke_cube / "noisy"), "--out", str(run), *SMOKE, check=False)
+    assert proc.returncode == 2 and "not empty" in proc.stderr and "--resume" in proc.stderr
+    assert (run / "precious.txt").read_text() == "keep me"
+    proc = run_cli("denoise", str(smoke_cube / "noisy"), "--out", str(run), "--resume", check=False)
+    assert proc.returncode == 2 and "no stemdist run" in proc.stderr
+
+
+def test_python_api(tmp_path, small_cube):
+    import stemdist
+
+    paths = stemdist.denoise(small_cube / "noisy", tmp_path / "run", "smoke", cycles=1, epochs=1,
+                             output={"progress": False})
+    assert zarr.open_array(str(paths.final), mode="r").attrs["complete"] is True
+    assert json.loads((paths.root / "run.json").read_text())["shape"] == [10, 9, 12, 10]

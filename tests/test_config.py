@@ -1,0 +1,50 @@
+"""Configuration: built-in files, overrides, and errors that name the bad key."""
+
+from __future__ import annotations
+
+import pytest
+
+from stemdist import config as cfg
+from stemdist.errors import ConfigError
+
+
+def test_builtin_configs_load_and_differ_as_documented():
+    default, reference, smoke = cfg.load("default"), cfg.load("reference"), cfg.load("smoke")
+    assert default == cfg.Config()  # the YAML file says what the code's defaults are
+    assert reference.data.borders == "copy" and default.data.borders == "reflect"
+    assert (reference.train.mean_weight, reference.train.sum_weight) == (0.02, 0.01)
+    assert (reference.train.cycles, reference.train.epochs, reference.train.warmup_epochs) == (10, 15, 4)
+    assert (reference.train.batch_size, reference.train.lr, reference.model.base_width) == (32, 1e-3, 24)
+    assert smoke.train.cycles * smoke.train.epochs <= 6
+
+
+def test_overrides_are_typed():
+    c = cfg.load("smoke", cfg.parse_overrides(["train.epochs=7", "data.tile=null", "train.lr=5e-4",
+                                                "hardware.compile=true", "data.borders=copy"]))
+    assert (c.train.epochs, c.data.tile, c.train.lr, c.hardware.compile, c.data.borders) == (7, None, 5e-4, True,
+                                                                                             "copy")
+
+
+@pytest.mark.parametrize("pairs,needle", [
+    (["train.epoch=3"], "unknown key train.epoch"),
+    (["trian.epochs=3"], "unknown section 'trian'"),
+    (["train.epochs=0"], "train.epochs must be >= 1"),
+    (["train.epochs=2.5"], "train.epochs must be an integer"),
+    (["data.borders=wrap"], "data.borders must be one of reflect, copy"),
+    (["train.lr=fast"], "train.lr must be a number"),
+    (["train.lr=-1"], "train.lr must be > 0"),
+    (["hardware.compile=maybe"], "hardware.compile must be true or false"),
+    (["epochs=3"], "--set expects section.key=value"),
+])
+def test_bad_values_name_the_key(pairs, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        cfg.load(None, cfg.parse_overrides(pairs))
+
+
+def test_bad_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  widht: 3\n")
+    with pytest.raises(ConfigError, match="unknown key model.widht"):
+        cfg.load(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        cfg.load(tmp_path / "missing.yaml")

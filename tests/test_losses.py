@@ -1,0 +1,51 @@
+"""Losses against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from stemdist.losses import poisson_loss, poisson_nll, warmup_loss, znorm
+from stemdist.model import UNet
+
+
+def test_poisson_nll_by_hand():
+    rate = torch.tensor([[[[1.0, 2.0], [0.5, 0.0]]]])
+    counts = torch.tensor([[[[0.0, 3.0], [1.0, 2.0]]]])
+    # mean of rate - counts * log(rate), rate clamped to 1e-8
+    terms = [1.0 - 0.0, 2.0 - 3.0 * math.log(2.0), 0.5 - 1.0 * math.log(0.5), 1e-8 - 2.0 * math.log(1e-8)]
+    assert math.isclose(poisson_nll(rate, counts).item(), sum(terms) / 4, rel_tol=1e-5)
+
+
+def test_mean_and_sum_terms_by_hand():
+    pred = torch.tensor([[[[1.0, 1.0]]], [[[2.0, 4.0]]]])  # (2, 1, 1, 2)
+    target = torch.tensor([[[[0.0, 2.0]]], [[[3.0, 3.0]]]])
+    nll = poisson_nll(pred, target).item()
+    mean_mse = ((1.0 - 1.0) ** 2 + (3.0 - 3.0) ** 2) / 2
+    sum_mse = ((2.0 - 2.0) ** 2 + (6.0 - 6.0) ** 2) / 2
+    assert math.isclose(poisson_loss(pred, target, 0.02, 0.01).item(), nll + 0.02 * mean_mse + 0.01 * sum_mse,
+                        rel_tol=1e-6)
+    target2 = target + torch.tensor([[[[1.0, 0.0]]], [[[0.0, 0.0]]]])  # pattern 0: mean 1.5, sum 3
+    nll2 = poisson_nll(pred, target2).item()
+    expected = nll2 + 0.02 * ((1.0 - 1.5) ** 2) / 2 + 0.01 * ((2.0 - 3.0) ** 2) / 2
+    assert math.isclose(poisson_loss(pred, target2, 0.02, 0.01).item(), expected, rel_tol=1e-6)
+    assert math.isclose(poisson_loss(pred, target2).item(), nll2, rel_tol=1e-6)
+
+
+def test_warmup_is_mse_of_z_normalised_tensors():
+    pred = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    target = torch.tensor([2.0, 4.0, 6.0, 9.0])
+    z = znorm(pred)
+    std = torch.tensor([1.0, 2.0, 3.0, 4.0]).std().item()  # unbiased, as torch.std
+    assert math.isclose(z[0].item(), (1.0 - 2.5) / (std + 1e-6), rel_tol=1e-6)
+    zt = (target - target.mean()) / (target.std() + 1e-6)
+    assert math.isclose(warmup_loss(pred, target).item(), ((z - zt) ** 2).mean().item(), rel_tol=1e-6)
+    assert warmup_loss(pred, 3 * pred + 7).item() < 1e-10  # invariant to scale and offset
+
+
+def test_unet_matches_reference_size_and_handles_any_detector():
+    assert sum(p.numel() for p in UNet().parameters()) == 4_366_945  # "about 4.37 M parameters"
+    net = UNet(base_width=4, depth=3)
+    out = net(torch.rand(2, 8, 13, 21))
+    assert out.shape == (2, 1, 13, 21) and (out >= 0).all()
