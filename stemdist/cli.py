@@ -15,6 +15,7 @@ from .errors import StemdistError
 # Subcommands defined in their own modules (each has ``add_parser(subparsers)``).
 EXTRA_COMMANDS = (
     "bench",
+    "evaluate",
     "info",
 )
 

@@ -21,6 +21,7 @@ from .formats import open_source
 from .inference import infer
 from .module import Denoiser
 from .progress import bar
+from .report import run_figures
 from .training import precision, train_cycle, use_cuda
 
 log = logging.getLogger("stemdist")
@@ -242,3 +243,4 @@ def finish(paths: RunPaths, config: Config, raw: zarr.Array, reference: str | Pa
         storage.check_shape(ref.shape, str(reference))
     denoised_figure(paths.figure, raw, final, ref)
     log.info("final cube %s, weights %s, figure %s", paths.final, paths.weights, paths.figure)
+    run_figures(paths, raw, final, ref)

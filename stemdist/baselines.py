@@ -1,0 +1,121 @@
+"""Classical denoising baselines, streamed chunk by chunk with bounded memory.
+
+- ``gaussian``: Gaussian smoothing over the two scan axes (sigma in probe positions, truncated at
+  4 sigma, half-sample symmetric borders as ``scipy.ndimage`` ``mode="reflect"``); dask ``map_overlap``.
+- ``neighbours``: the mean of the 8 neighbouring patterns (the same input the blind-spot network
+  sees; border positions use mirrored neighbours, index -1 -> 1, never the centre); ``map_overlap``.
+- ``pca``: projection of every pattern onto the mean pattern plus the ``rank`` leading principal
+  components of the patterns. The covariance is accumulated chunk by chunk (exact; detectors up to
+  ``GRAM_LIMIT`` pixels), or found by dask's randomised ``svd_compressed`` for larger detectors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import zarr
+from scipy import ndimage
+
+from . import storage
+from .metrics import _lazy
+
+GRAM_LIMIT = 4096  # detector pixels up to which the PCA covariance (P·Q)² is accumulated exactly
+NAMES = ("gaussian", "neighbours", "pca")
+
+
+def gaussian(arr, sigma: float = 1.0, truncate: float = 4.0) -> da.Array:
+    """Lazy Gaussian smoothing over the scan axes."""
+    d = _lazy(arr).astype(np.float32)
+    depth = max(1, int(truncate * sigma + 0.5))
+    depth = min(depth, d.shape[0] - 1, d.shape[1] - 1)
+
+    def block(b: np.ndarray) -> np.ndarray:
+        return ndimage.gaussian_filter(b, sigma=(sigma, sigma, 0, 0), truncate=truncate, mode="reflect")
+
+    return d.map_overlap(block, depth={0: depth, 1: depth, 2: 0, 3: 0},
+                         boundary={0: "reflect", 1: "reflect", 2: "none", 3: "none"}, dtype=np.float32)
+
+
+NEIGHBOURS = np.ones((3, 3, 1, 1), np.float32) / 8
+NEIGHBOURS[1, 1] = 0
+
+
+def neighbour_mean(arr) -> da.Array:
+    """Lazy mean of the 8 neighbours of every position (mirrored at the scan border)."""
+    d = _lazy(arr).astype(np.float32)
+    padded = da.pad(d, ((1, 1), (1, 1), (0, 0), (0, 0)), mode="reflect")  # -1 -> 1: never the centre
+
+    def block(b: np.ndarray) -> np.ndarray:
+        return ndimage.correlate(b, NEIGHBOURS, mode="nearest")  # the border it touches is trimmed
+
+    out = padded.map_overlap(block, depth={0: 1, 1: 1, 2: 0, 3: 0}, boundary="none", dtype=np.float32)
+    return out[1:-1, 1:-1]
+
+
+def pca_basis(arr, rank: int, exact: bool | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean pattern (P·Q,), components (P·Q, rank))`` of the patterns, streamed over the chunks."""
+    d = _lazy(arr)
+    H, W, P, Q = d.shape
+    n, m = H * W, P * Q
+    rank = int(max(1, min(rank, m, n)))
+    if exact is None:
+        exact = m <= GRAM_LIMIT
+    d = d.rechunk({2: -1, 3: -1})
+    if exact:
+        total = np.zeros(m)
+        gram = np.zeros((m, m))
+        for idx in np.ndindex(d.numblocks[:2]):
+            x = np.asarray(d.blocks[idx + (0, 0)].compute(), np.float64).reshape(-1, m)
+            total += x.sum(axis=0)
+            gram += x.T @ x
+        mu = total / n
+        cov = gram / n - np.outer(mu, mu)
+        w, v = np.linalg.eigh(cov)
+        return mu, v[:, np.argsort(w)[::-1][:rank]]
+    mu = d.astype(np.float64).mean(axis=(0, 1)).compute().ravel()
+    x = d.astype(np.float64).reshape(n, m) - mu
+    x = x.rechunk({0: max(1, min(n, int(2**25 // (8 * m)))), 1: -1})
+    _, _, vt = da.linalg.svd_compressed(x, rank, n_power_iter=4, seed=seed)
+    return mu, np.asarray(vt.compute()).T
+
+
+def pca(arr, rank: int = 8, exact: bool | None = None) -> da.Array:
+    """Lazy rank-``rank`` PCA reconstruction of every pattern (the basis is computed now)."""
+    d = _lazy(arr)
+    P, Q = d.shape[2:]
+    mu, v = pca_basis(d, rank, exact)
+    proj = v @ v.T
+
+    def block(b: np.ndarray) -> np.ndarray:
+        x = np.asarray(b, np.float64).reshape(-1, P * Q) - mu
+        return (mu + x @ proj).reshape(b.shape).astype(np.float32)
+
+    return d.rechunk({2: -1, 3: -1}).map_blocks(block, dtype=np.float32)
+
+
+def compute(arr, names=NAMES, sigma: float = 1.0, rank: int = 8) -> dict[str, da.Array]:
+    """Lazy baseline cubes by name."""
+    makers = {"gaussian": lambda: gaussian(arr, sigma), "neighbours": lambda: neighbour_mean(arr),
+              "pca": lambda: pca(arr, rank)}
+    unknown = set(names) - set(makers)
+    if unknown:
+        raise ValueError(f"unknown baselines {sorted(unknown)}; known: {', '.join(NAMES)}")
+    return {name: makers[name]() for name in names}
+
+
+def write(arr: zarr.Array, out: str | Path, names=NAMES, sigma: float = 1.0, rank: int = 8,
+          tile: int | None = None) -> dict[str, zarr.Array]:
+    """Compute the baselines of ``arr`` into Zarr arrays of the group ``out`` (streamed)."""
+    tile = tile or arr.chunks[0]
+    group = zarr.open_group(str(out), mode="a")
+    params = {"gaussian": {"sigma": sigma}, "neighbours": {}, "pca": {"rank": rank}}
+    written = {}
+    for name, lazy in compute(arr, names, sigma, rank).items():
+        z = storage.create_cube(group, name, tuple(arr.shape), tile, "float32", overwrite=True,
+                                attrs={"baseline": name, **params[name]})
+        da.store(lazy.astype(np.float32).rechunk(z.chunks), z, lock=False)
+        storage.mark_complete(z)
+        written[name] = z
+    return written
