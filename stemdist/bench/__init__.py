@@ -13,7 +13,7 @@ BENCHMARKS = {  # name -> (module, one-line help)
     "quality": ("quality", "the default configuration vs Gaussian, 8-neighbour mean and PCA baselines "
                            "(PSNR, virtual BF/ADF/CoM errors) against the truth"),
     "loader": ("loader", "Zarr tile loader vs the reference's in-memory per-sample gather (samples/s)"),
-    "infer": ("infer", "inference pass (read, predict, write) vs pure forward passes and one pattern at a time"),
+    "infer": ("infer", "inference pass (read, predict, write) vs forward passes alone, and per pattern"),
     "train": ("train", "training samples/s per device and the fraction of step time waiting for data"),
     "memory": ("memory", "peak RSS of `stemdist denoise` on synthetic cubes of growing size (GBs on disk)"),
 }

@@ -56,7 +56,8 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(contenders: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(contenders: dict[str, Callable[[], object]], reps: int,
+                warmup: int = 1) -> dict[str, list[float]]:
     """Seconds per call of every contender, measured in turns (order rotated each repetition).
 
     ``warmup`` untimed turns first. Running the contenders side by side means that whatever else the

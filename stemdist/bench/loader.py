@@ -61,9 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=5, help="timed epochs per contender and cube")
 
 
-def _epoch(make_iter) -> int:
+def _epoch(loader: DataLoader) -> int:
     n = 0
-    for x, _ in make_iter():
+    for x, _ in loader:
         n += len(x)
     return n
 
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
         for n in args.scans:
             path = common.synth_cube(root, (n, n), (args.det, args.det), tile=args.tile, seed=args.seed)
             raw, den = str(path / "noisy"), str(path / "truth")
-            ours = NeighbourPatches(raw, den, args.beta, batch_size=B, num_workers=args.workers, seed=args.seed)
+            ours = NeighbourPatches(raw, den, args.beta, batch_size=B, num_workers=args.workers,
+                                    seed=args.seed)
             zloader = DataLoader(ours, batch_size=None, num_workers=args.workers,
                                  persistent_workers=args.workers > 0)
             # the reference: the blend of the whole cube in memory, float32
@@ -91,9 +92,8 @@ def run(args: argparse.Namespace) -> int:
             rloader = DataLoader(ref, batch_size=B, shuffle=True, num_workers=args.workers, generator=g,
                                  drop_last=False, persistent_workers=args.workers > 0)
             samples = {"zarr tiles": len(ours) * B, "in-memory reference": len(ref)}
-            times = common.interleaved({"zarr tiles": lambda: _epoch(lambda: iter(zloader)),
-                                        "in-memory reference": lambda: _epoch(lambda: iter(rloader))},
-                                       args.reps)
+            times = common.interleaved({"zarr tiles": lambda z=zloader: _epoch(z),
+                                        "in-memory reference": lambda r=rloader: _epoch(r)}, args.reps)
             for name, ts in times.items():
                 batches = -(-samples[name] // B)
                 per_batch[n, name] = [1e3 * t / batches for t in ts]
