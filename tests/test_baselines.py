@@ -1,0 +1,79 @@
+"""Baselines give known results on constructed cases, streamed over chunks that do not divide the scan."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from scipy import ndimage
+
+from stemdist import baselines
+
+
+def _ramp(H=9, W=7, P=4, Q=3) -> np.ndarray:
+    """Patterns that vary linearly over the scan: neighbour and Gaussian means keep them in the interior."""
+    yy, xx = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+    base = np.arange(P * Q, dtype=np.float32).reshape(P, Q)
+    return (base + 2 * yy[..., None, None] + 3 * xx[..., None, None]).astype(np.float32)
+
+
+def test_neighbour_mean_of_a_ramp_is_the_ramp_inside():
+    cube = _ramp()
+    out = baselines.neighbour_mean(da.from_array(cube, chunks=(4, 3, 4, 3))).compute()
+    np.testing.assert_allclose(out[1:-1, 1:-1], cube[1:-1, 1:-1], rtol=1e-6)
+    # at a corner the mirrored neighbours (-1 -> 1) are used, never the centre itself
+    p = np.pad(cube, ((1, 1), (1, 1), (0, 0), (0, 0)), mode="reflect")
+    expect = sum(p[1 + dy, 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)) / 8
+    np.testing.assert_allclose(out[0, 0], expect, rtol=1e-6)
+
+
+def test_neighbour_mean_is_blind_to_the_centre():
+    cube = np.zeros((5, 5, 2, 2), np.float32)
+    cube[2, 2] = 8.0  # a lone pattern: its own position stays 0, each neighbour gets 8 / 8
+    out = baselines.neighbour_mean(da.from_array(cube, chunks=(2, 2, 2, 2))).compute()
+    assert out[2, 2].max() == 0
+    expect = np.full((3, 3), 4.0)  # 2 x 2 pixels of 1 count around it
+    expect[1, 1] = 0.0
+    np.testing.assert_allclose(out[1:4, 1:4].sum(axis=(2, 3)), expect)
+
+
+def test_gaussian_matches_scipy_over_chunks():
+    rng = np.random.default_rng(0)
+    cube = rng.random((11, 9, 3, 4)).astype(np.float32)
+    for sigma in (0.7, 1.5):
+        out = baselines.gaussian(da.from_array(cube, chunks=(4, 5, 3, 4)), sigma).compute()
+        ref = ndimage.gaussian_filter(cube, (sigma, sigma, 0, 0), truncate=4.0, mode="reflect")
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    const = np.full((6, 6, 2, 2), 3.0, np.float32)
+    np.testing.assert_allclose(baselines.gaussian(da.from_array(const, chunks=(3, 3, 2, 2))).compute(), 3.0)
+
+
+def test_pca_recovers_a_low_rank_cube():
+    rng = np.random.default_rng(1)
+    mean = rng.random(16)
+    comps = rng.standard_normal((2, 16))
+    coef = rng.standard_normal((10, 8, 2))
+    cube = (mean + coef @ comps).reshape(10, 8, 4, 4)
+    d = da.from_array(cube, chunks=(3, 3, 4, 4))
+    np.testing.assert_allclose(baselines.pca(d, rank=2).compute(), cube, atol=1e-4)
+    np.testing.assert_allclose(baselines.pca(d, rank=2, exact=False).compute(), cube, atol=1e-4)
+    # rank 1 keeps the leading direction only: the error is what the second component carries
+    err = np.abs(baselines.pca(d, rank=1).compute() - cube).max()
+    assert err > 1e-2
+
+
+def test_write_streams_to_zarr(tmp_path):
+    cube = _ramp(8, 8, 4, 4)
+    src = zarr.create_array(store=str(tmp_path / "raw.zarr"), shape=cube.shape, chunks=(3, 3, 4, 4),
+                            dtype="float32")
+    src[:] = cube
+    out = baselines.write(src, tmp_path / "baselines.zarr", sigma=1.0, rank=3)
+    assert set(out) == {"gaussian", "neighbours", "pca"}
+    for arr in out.values():
+        assert arr.shape == cube.shape and arr.chunks == (3, 3, 4, 4)
+        assert arr.attrs["complete"] is True
+    np.testing.assert_allclose(out["neighbours"][1:-1, 1:-1], cube[1:-1, 1:-1], rtol=1e-6)
+    np.testing.assert_allclose(out["pca"][:], cube, rtol=1e-4, atol=1e-3)  # rank 2 + mean is exact
+    with pytest.raises(ValueError):
+        baselines.compute(src, names=("median",))

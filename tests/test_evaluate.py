@@ -1,0 +1,93 @@
+"""``stemdist evaluate`` on a finished smoke run: metrics.json and every figure; the run's own figures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from stemdist.evaluate import evaluate
+
+from .conftest import SMOKE, run_cli
+
+FIGURES = ("virtual_images.png", "patterns.png", "loss.png")
+METRICS = ("psnr", "psnr_interior", "ssim", "rel_rmse", "bf_err", "adf_err", "com_y_err", "com_x_err")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke_cube, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "smoke"
+    run_cli("denoise", str(smoke_cube / "noisy"), "--out", str(run), *SMOKE)
+    return run
+
+
+def test_denoise_draws_the_run_figures(smoke_run):
+    for name in FIGURES:
+        assert (smoke_run / "report" / name).stat().st_size > 0, name
+
+
+def test_evaluate_cli_writes_metrics_and_every_figure(smoke_run):
+    proc = run_cli("evaluate", str(smoke_run), "--baselines", "--pca-rank", "4")
+    assert "final" in proc.stdout and "gaussian" in proc.stdout
+    report = smoke_run / "report"
+    m = json.loads((report / "metrics.json").read_text())
+    assert m["against"] == "truth"  # found beside the synth cube's noisy array
+    assert set(m["methods"]) == {"raw", "cycle_01", "cycle_02", "final", "gaussian", "neighbours", "pca"}
+    for method in m["methods"].values():
+        assert set(METRICS) <= set(method) and all(np.isfinite(method[k]) for k in METRICS)
+    assert m["methods"]["final"] == m["methods"]["cycle_02"]  # smoke: final = last cycle
+    assert m["methods"]["gaussian"]["psnr"] > m["methods"]["raw"]["psnr"]
+    assert m["masks"]["bf_radius"] == pytest.approx(16 / 5, abs=0.6)
+    assert "*_err" in m["definitions"]
+    for name in FIGURES + ("metrics_per_cycle.png",):
+        assert (report / name).stat().st_size > 0, name
+    for name in ("gaussian", "neighbours", "pca"):
+        assert zarr.open_array(str(report / "baselines.zarr" / name), mode="r").attrs["complete"] is True
+
+
+def test_evaluate_against_a_scaled_reference_and_set_masks(smoke_run, smoke_cube, tmp_path):
+    truth = zarr.open_array(str(smoke_cube / "truth"), mode="r")
+    high = tmp_path / "high.npy"
+    np.save(high, np.asarray(truth[:]) * 1000)  # a "high-dose" cube 1000 x the raw dose, noise-free here
+    res = evaluate(smoke_run, reference=high, bf_radius=3.0, adf_inner=4.0, adf_outer=7.0, figures=False)
+    assert res["against"] == "reference"
+    assert res["truth"]["scale"] == pytest.approx(1e-3, rel=0.05)  # raw counts / reference counts
+    assert res["masks"]["bf_radius"] == 3.0 and res["masks"]["adf_outer"] == 7.0
+    vs_truth = evaluate(smoke_run, truth=smoke_cube / "truth", bf_radius=3.0, adf_inner=4.0, adf_outer=7.0,
+                        figures=False)
+    assert res["methods"]["final"]["psnr"] == pytest.approx(vs_truth["methods"]["final"]["psnr"], abs=0.5)
+
+
+def test_evaluate_without_truth_draws_figures_only(smoke_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(smoke_run, run)
+    info = json.loads((run / "run.json").read_text())
+    raw = zarr.open_array(info["raw"], mode="r")
+    local = zarr.create_array(store=str(run / "raw.zarr"), shape=raw.shape, chunks=raw.chunks,
+                              dtype=raw.dtype)
+    local[:] = raw[:]  # not beside a synth truth any more
+    info["raw"] = str(run / "raw.zarr")
+    (run / "run.json").write_text(json.dumps(info))
+    res = evaluate(run)
+    assert res["methods"] is None and res["against"] is None
+    assert json.loads((run / "report" / "metrics.json").read_text())["methods"] is None
+    assert {p.split("/")[-1] for p in res["figures"]} == set(FIGURES)
+
+
+def test_evaluate_rejects_a_directory_without_run(tmp_path):
+    proc = run_cli("evaluate", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "no stemdist run" in proc.stderr
+
+
+def test_bench_quality_smoke(tmp_path):
+    proc = run_cli("bench", "quality", "--smoke", "--out", str(tmp_path / "q"),
+                   "--json", str(tmp_path / "q.json"))
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("quality: smoke beats all baselines on ") and "columns at dose 100" in last
+    assert "| gaussian" in proc.stdout and "protocol: config smoke" in proc.stdout
+    data = json.loads((tmp_path / "q.json").read_text())
+    assert set(data["doses"]["100.0"]["methods"]) >= {"raw", "final", "gaussian", "neighbours", "pca"}
