@@ -6,7 +6,6 @@ import argparse
 import importlib
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from . import config as cfg
@@ -15,6 +14,7 @@ from .errors import StemdistError
 # Subcommands defined in their own modules (each has ``add_parser(subparsers)``).
 EXTRA_COMMANDS = (
     "bench",
+    "predict",
     "evaluate",
     "info",
 )
@@ -163,18 +163,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_libraries(quiet: bool) -> None:
+    """Silence library chatter that says nothing about the user's run (and Lightning's banners if quiet)."""
+    import logging
+    import warnings
+
+    for pattern in (".*LeafSpec.*", ".*log_every_n_steps.*", ".*does not have many workers.*",
+                    ".*litlogger.*", ".*predict_dataloader.*"):
+        warnings.filterwarnings("ignore", pattern)
+    tips = logging.Filter()
+    tips.filter = lambda record: "litlogger" not in record.getMessage()
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(tips)
+    if quiet:
+        for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     from . import progress
 
     progress.QUIET = args.quiet
+    quiet_libraries(args.quiet)
+    args.argv = argv  # for a self-launch under torchrun
     try:
         if args.command == "denoise":
             return _run_denoise(args, argv)
         return args.func(args)
     except StemdistError as exc:
-        print(f"stemdist: error: {exc}", file=sys.stderr)
+        from .distributed import detect
+
+        if detect().is_main:  # every rank meets the same error; one line is enough
+            print(f"stemdist: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("stemdist: interrupted; continue with --resume", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -92,11 +93,16 @@ def setup_logging(path: Path | None, verbose: bool = True) -> None:
 
 
 def _check_resume_config(saved: Config, new: dict) -> None:
+    """A resumed run keeps its configuration; only keys that do not change the result may differ."""
+    changed = apply(saved, new, "override")
     for section, values in new.items():
         for key in values or {}:
-            if section not in RESUMABLE and f"{section}.{key}" not in RESUMABLE:
-                raise ConfigError(f"--resume keeps the run's saved configuration; {section}.{key} cannot change "
-                                  "(start a new RUN_DIR to change it)")
+            if section in RESUMABLE or f"{section}.{key}" in RESUMABLE:
+                continue
+            before, after = getattr(getattr(saved, section), key), getattr(getattr(changed, section), key)
+            if before != after:
+                raise ConfigError(f"--resume keeps the run's saved configuration; {section}.{key} was {before!r} "
+                                  f"and cannot become {after!r} (start a new RUN_DIR to change it)")
 
 
 def prepare(input_path: str | Path, paths: RunPaths, config: Config, dataset: str | None, resume: bool,
@@ -178,6 +184,8 @@ def run(input_path: str | Path, out: str | Path, config: Config, *, dataset: str
     device = torch.device(f"cuda:{ranks.local_rank}" if use_cuda(config) and ranks.world_size > 1
                           else "cuda" if use_cuda(config) else "cpu")
     torch.manual_seed(config.train.seed)
+    if ranks.local_world_size > 1 and not use_cuda(config):
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks.local_world_size))
     if use_cuda(config):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -38,7 +38,7 @@ class Denoiser(pl.LightningModule):
             loss = warmup_loss(pred, y)
         else:
             loss = poisson_loss(pred, y, self.train_cfg.mean_weight, self.train_cfg.sum_weight)
-        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=False,
+        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
                  batch_size=len(x))
         return loss
 
