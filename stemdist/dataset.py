@@ -18,7 +18,7 @@ import torch
 import zarr
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .tiles import Borders, BlockReader, Grid, gather_centres, gather_neighbours, tile_positions
+from .tiles import BlockReader, Borders, Grid, gather_centres, gather_neighbours, tile_positions
 
 Segment = tuple[int, int, int]  # (tile, first sample, end sample) in the tile's raster order
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import zarr
 
-from .tiles import Borders, BlockReader, Grid, gather, tile_positions
+from .tiles import BlockReader, Borders, Grid, gather, tile_positions
 
 READ_AHEAD = 2
 WRITES_IN_FLIGHT = 2

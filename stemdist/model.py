@@ -26,7 +26,8 @@ class UNet(nn.Module):
         super().__init__()
         widths = [base_width * 2**k for k in range(depth + 1)]
         self.depth = depth
-        self.down = nn.ModuleList(block(cin, cout) for cin, cout in zip([in_channels] + widths[:-2], widths[:-1]))
+        ins = [in_channels] + widths[:-2]
+        self.down = nn.ModuleList(block(cin, cout) for cin, cout in zip(ins, widths[:-1], strict=True))
         self.bottleneck = block(widths[-2], widths[-1])
         self.up = nn.ModuleList(nn.ConvTranspose2d(widths[k + 1], widths[k], 2, stride=2) for k in range(depth))
         self.dec = nn.ModuleList(block(2 * widths[k], widths[k]) for k in range(depth))

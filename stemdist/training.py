@@ -75,9 +75,8 @@ def loggers(run_dir: Path, cycle: int) -> list:
         attempt += 1
     out = [CSVLogger(run_dir / "logs", name=name, version=f"resumed_{attempt}" if attempt else "")]
     try:
-        from pytorch_lightning.loggers import TensorBoardLogger
-
         import tensorboard  # noqa: F401
+        from pytorch_lightning.loggers import TensorBoardLogger
 
         out.append(TensorBoardLogger(run_dir / "logs", name="tensorboard", version=name))
     except ImportError:
