@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import run_cli
+
+from .conftest import run_cli
 
 HEADLINES = {
     "loader": r"loader ratio \d+\.\d+ \(goal >= 2\)",
