@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 import time
 from typing import Any
@@ -84,11 +85,14 @@ def _run_denoise(a: argparse.Namespace, argv: list[str]) -> int:
                                   "(see launch/ and the README)")
         return distributed.relaunch(nproc, argv)
     t0 = time.perf_counter()
+    if a.quiet:
+        logging.getLogger("stemdist.console").disabled = True
     paths = run_denoise(a.input, a.out, config, dataset=a.dataset, reference=a.reference, resume=a.resume,
                         overrides=overrides, ranks=ranks, config_file=a.config)
     if ranks.is_main and not a.quiet:
-        print(f"done in {time.perf_counter() - t0:.1f} s: final cube {paths.final}, weights {paths.weights}, "
-              f"figure {paths.figure}")
+        from .summary import print_summary
+
+        print_summary(paths, time.perf_counter() - t0)
     return 0
 
 

@@ -14,10 +14,10 @@ import dask.array as da
 import torch
 import zarr
 
-from . import distributed, storage
+from . import distributed, progress, storage
 from .config import Config, ConfigError, apply
 from .errors import InputError
-from .figures import denoised_figure
+from .figures import cycle_figure, denoised_figure, virtual_bf
 from .formats import open_source
 from .inference import infer
 from .module import Denoiser
@@ -82,7 +82,7 @@ def setup_logging(path: Path | None, verbose: bool = True) -> None:
     log.propagate = False
     for h in list(log.handlers):
         log.removeHandler(h)
-    if verbose:
+    if verbose and not progress.QUIET:
         console = logging.StreamHandler()
         console.setFormatter(logging.Formatter("[stemdist] %(message)s"))
         log.addHandler(console)
@@ -197,6 +197,7 @@ def run(input_path: str | Path, out: str | Path, config: Config, *, dataset: str
         module.net.load_state_dict(torch.load(paths.cycle_weights(start), map_location="cpu"))
         if ranks.is_main:
             log.info("resuming after complete cycle %d of %d", start, C)
+    raw_bf = virtual_bf(raw) if ranks.is_main else None
     for c in range(start + 1, C + 1):
         t0 = time.perf_counter()
         beta = c / C
@@ -213,13 +214,17 @@ def run(input_path: str | Path, out: str | Path, config: Config, *, dataset: str
         module.to(device)
         n_tiles = -(-raw.shape[0] // out_arr.chunks[0]) * -(-raw.shape[1] // out_arr.chunks[1])
         with bar(f"cycle {c} inference", n_tiles // ranks.world_size, ranks.is_main) as advance:
-            infer(module, raw, den_arr, beta, out_arr, borders=config.data.borders,
+            bf = infer(module, raw, den_arr, beta, out_arr, borders=config.data.borders,
                   batch_size=config.inference.batch_size, device=device, rank=ranks.rank,
                   world_size=ranks.world_size, cache_chunks=config.data.cache_chunks,
                   autocast="bf16" if precision(config) == "bf16-mixed" else None, progress=advance)
         module.cpu().train()
+        bf = distributed.sum_to_main(bf)
         distributed.barrier()
         if ranks.is_main:
+            (paths.root / "report").mkdir(exist_ok=True)
+            cycle_figure(paths.root / "report" / f"cycle_{c:02d}_bf.png", c, raw_bf, bf,
+                         paths.root / "logs" / "tensorboard" / f"cycle_{c:02d}")
             storage.mark_complete(out_arr, seconds=round(time.perf_counter() - t0, 2))
             if config.output.keep_cycles == "last" and c > 1:
                 shutil.rmtree(paths.cycle(c - 1), ignore_errors=True)

@@ -63,6 +63,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def sum_to_main(array):
+    """Element-wise sum of a numpy array over ranks (the result is meaningful on rank 0)."""
+    if not dist.is_initialized():
+        return array
+    t = torch.from_numpy(array)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.reduce(t, dst=0)
+    return t.cpu().numpy()
+
+
 def run_on_main(fn, ranks: Ranks):
     """Run ``fn`` on rank 0 only; every rank gets its result, or raises the error rank 0 met."""
     result, error = None, None

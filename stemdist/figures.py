@@ -44,3 +44,23 @@ def denoised_figure(path: str | Path, raw: zarr.Array, denoised: zarr.Array,
     if reference is not None:
         panels["high-dose reference"] = virtual_bf(reference)
     return image_panels(path, panels, "virtual bright-field (sum over the detector)")
+
+
+def cycle_figure(path: str | Path, cycle: int, raw_bf: np.ndarray, bf: np.ndarray,
+                 tensorboard_dir: str | Path | None = None) -> Path:
+    """Virtual bright-field of raw vs one cycle's output; also sent to TensorBoard when it is installed."""
+    image_panels(path, {"raw": raw_bf, f"cycle {cycle}": bf}, f"virtual bright-field after cycle {cycle}")
+    if tensorboard_dir is not None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return Path(path)
+        fig, axes = plt.subplots(1, 2, figsize=(7, 3.4))
+        for ax, (name, img) in zip(axes, (("raw", raw_bf), (f"cycle {cycle}", bf)), strict=True):
+            ax.imshow(img, cmap="gray")
+            ax.set_title(name)
+            ax.axis("off")
+        with SummaryWriter(str(tensorboard_dir)) as writer:
+            writer.add_figure("virtual_bright_field", fig, global_step=cycle)
+        plt.close(fig)
+    return Path(path)

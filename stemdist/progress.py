@@ -33,3 +33,28 @@ def bar(description: str, total: int | None, enable: bool = True) -> Iterator[Ca
     with Progress(*columns, transient=False) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n=1: progress.advance(task, n)
+
+
+@contextlib.contextmanager
+def dask_bar(description: str, enable: bool = True) -> Iterator[None]:
+    """A progress bar over the tasks of every dask computation inside the ``with`` block."""
+    if not (enable and enabled()):
+        yield
+        return
+    from dask.callbacks import Callback
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task(description, total=None)
+
+        class Tasks(Callback):
+            def _start_state(self, dsk, state):
+                progress.update(task, total=sum(len(state[k]) for k in ("ready", "waiting", "running", "finished")),
+                                completed=len(state["finished"]))
+
+            def _posttask(self, key, result, dsk, state, worker_id):
+                progress.advance(task, 1)
+
+        with Tasks():
+            yield

@@ -14,6 +14,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from .errors import InputError
 from .formats import open_source
+from .progress import dask_bar
 
 CHUNK_BYTES = 4 * 2**20  # target size of one uncompressed chunk
 COMPLETE = "complete"  # attribute set on a cycle's array once every chunk is written
@@ -77,7 +78,9 @@ def check_values(arr: zarr.Array | da.Array, name: str) -> None:
     darr = arr if isinstance(arr, da.Array) else da.from_zarr(arr)
     checks = _value_checks(darr)
     if checks:
-        _raise_on_values(list(da.compute(*checks)), _flag_names(darr), name)
+        with dask_bar(f"checking {Path(name).name}"):
+            flags = list(da.compute(*checks))
+        _raise_on_values(flags, _flag_names(darr), name)
 
 
 def open_cube(path: str | Path, dataset: str | None = None) -> zarr.Array:
@@ -138,7 +141,8 @@ def convert(source: str | Path, output: str | Path, dataset: str | None = None, 
     arr = arr.rechunk(out.chunks)
     checks = _value_checks(arr)
     try:
-        results = da.compute(da.store(arr, out, lock=False, compute=False), *checks)
+        with dask_bar(f"convert {Path(source).name}"):
+            results = da.compute(da.store(arr, out, lock=False, compute=False), *checks)
         _raise_on_values(list(results[1:]), _flag_names(arr), str(source))
     except BaseException:
         shutil.rmtree(output, ignore_errors=True)
@@ -153,7 +157,8 @@ def export_npy(source: str | Path, output: str | Path, dataset: str | None = Non
         raise InputError(f"output {output} already exists; remove it or choose another path")
     arr = open_cube(source, dataset)
     out = np.lib.format.open_memmap(output, mode="w+", dtype=arr.dtype, shape=arr.shape)
-    da.store(da.from_zarr(arr), out, lock=True)
+    with dask_bar(f"export {output.name}"):
+        da.store(da.from_zarr(arr), out, lock=True)
     out.flush()
     del out
     return output

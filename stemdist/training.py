@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
+from . import progress
 from .config import Config
 from .dataset import NeighbourPatches
 from .distributed import Ranks
@@ -112,7 +113,7 @@ def trainer(config: Config, ranks: Ranks, run_dir: Path, cycle: int) -> pl.Train
             LossLog(run_dir / "logs" / LOSSES, cycle),
         ],
         use_distributed_sampler=False,
-        enable_progress_bar=config.output.progress,
+        enable_progress_bar=config.output.progress and progress.enabled(),
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=10,
