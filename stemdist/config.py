@@ -19,9 +19,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 class DataConfig:
     tile: int | None = None  # scan tile (= Zarr chunk) edge; None: the input's chunks, or ~4 MB chunks
     borders: Literal["reflect", "copy"] = "reflect"  # reflect: every position is a sample; copy: reference
-    shuffle_tiles: int = 4  # tiles mixed in the per-worker shuffle buffer
+    shuffle_tiles: int = 8  # tiles mixed in the per-worker shuffle buffer
     num_workers: int = 2  # loader worker processes per device
-    cache_chunks: int = 12  # decoded chunks cached per worker (halo reads touch neighbour chunks)
+    cache_chunks: int = 24  # decoded chunks cached per worker (halo reads touch neighbour chunks)
     prefetch_factor: int = 4  # batches prefetched per worker
 
 

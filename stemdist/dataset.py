@@ -1,11 +1,12 @@
 """Sharded neighbour-patch dataset: scan tiles read lazily from Zarr, split over ranks and loader workers.
 
 Per epoch, the tiles are put in an order seeded by ``(seed, cycle, epoch)`` (all ranks agree without
-talking) and their samples laid end to end in one stream. Shard ``s`` of ``S = world_size x workers``
-takes stream positions ``[s·N·B, (s+1)·N·B)`` modulo the stream length, where ``N`` batches of ``B``
-samples is the least that covers the stream. So every sample is visited once per epoch, each shard
-yields exactly ``N`` full batches (no DDP hang), and the ``S·N·B - total`` extra samples wrap to the
-start of the stream. Each worker mixes the samples of ``shuffle_tiles`` tiles at a time.
+talking; a walk over bands of tiles that keeps halo reads in the chunk cache) and their samples laid end
+to end in one stream. Shard ``s`` of ``S = world_size x workers`` takes stream positions ``[s·N·B,
+(s+1)·N·B)`` modulo the stream length, where ``N`` batches of ``B`` samples is the least that covers the
+stream. So every sample is visited once per epoch, each shard yields exactly ``N`` full batches (no DDP
+hang), and the ``S·N·B - total`` extra samples wrap to the start of the stream. Each worker mixes the
+samples of ``shuffle_tiles`` tiles at a time.
 """
 
 from __future__ import annotations
@@ -20,11 +21,27 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .tiles import BlockReader, Borders, Grid, gather_centres, gather_neighbours, tile_positions
 
+BAND = 4  # tile columns per band of the epoch's walk
 Segment = tuple[int, int, int]  # (tile, first sample, end sample) in the tile's raster order
 
 
-def epoch_order(n_tiles: int, seed: int, cycle: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, cycle, epoch]).permutation(n_tiles)
+def epoch_order(grid: Grid, seed: int, cycle: int, epoch: int, band: int = BAND) -> np.ndarray:
+    """The epoch's tile order: bands of ``band`` tile columns in random order, each walked row by row
+    (random direction, random order within a row).
+
+    A walk keeps the chunks of three tile rows of one band in the reader's cache, so a tile's halo
+    rarely costs another decode (about ``(band + 2) / band`` decodes per tile, against up to 9 for a
+    fully random order), while every epoch still visits the scan in a new order.
+    """
+    rng = np.random.default_rng([seed, cycle, epoch])
+    ny, nx = grid.shape
+    order = []
+    for b in rng.permutation(-(-nx // band)):
+        cols = np.arange(b * band, min((b + 1) * band, nx))
+        rows = np.arange(ny) if rng.random() < 0.5 else np.arange(ny)[::-1]
+        for r in rows:
+            order.extend(r * nx + rng.permutation(cols))
+    return np.asarray(order, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -67,7 +84,7 @@ class NeighbourPatches(IterableDataset):
 
     def __init__(self, raw: str, den: str | None = None, beta: float = 0.0, *, batch_size: int = 32,
                  borders: Borders = "reflect", target: str = "mix", shuffle_tiles: int = 4,
-                 cache_chunks: int = 12, num_workers: int = 0, seed: int = 0, cycle: int = 0,
+                 cache_chunks: int = 24, num_workers: int = 0, seed: int = 0, cycle: int = 0,
                  rank: int = 0, world_size: int = 1):
         super().__init__()
         self.raw, self.den, self.beta = str(raw), None if den is None else str(den), float(beta)
@@ -88,7 +105,7 @@ class NeighbourPatches(IterableDataset):
         self._epoch[0] = epoch
 
     def plan(self, epoch: int) -> ShardPlan:
-        order = epoch_order(self.grid.n_tiles, self.seed, self.cycle, epoch)
+        order = epoch_order(self.grid, self.seed, self.cycle, epoch)
         return plan_shards(self.counts, order, self.n_shards, self.batch_size)
 
     def __len__(self) -> int:

@@ -64,7 +64,7 @@ def _read_ahead(reader: BlockReader, tiles: range) -> Iterator[tuple[int, np.nda
 
 def infer(model: torch.nn.Module, raw: zarr.Array, den: zarr.Array | None, beta: float, out: zarr.Array,
           *, borders: Borders, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1,
-          cache_chunks: int = 12, autocast: str | None = None, progress=None) -> np.ndarray:
+          cache_chunks: int = 24, autocast: str | None = None, progress=None) -> np.ndarray:
     """Write this rank's chunks of ``out`` = model applied to ``(1 - beta) raw + beta den``.
 
     Returns the virtual bright-field image (sum over the detector) of the chunks this rank wrote, zero

@@ -16,14 +16,21 @@ from .errors import InputError
 from .formats import open_source
 from .progress import dask_bar
 
-CHUNK_BYTES = 4 * 2**20  # target size of one uncompressed chunk
+CHUNK_BYTES = 2 * 2**20  # target size of one uncompressed chunk (as stored; blended in float32)
 COMPLETE = "complete"  # attribute set on a cycle's array once every chunk is written
 
 
 def codec(dtype: np.dtype) -> BloscCodec:
-    """Lossless codec for electron counts: zstd with bit-shuffle (byte-shuffle for floats)."""
-    shuffle = BloscShuffle.bitshuffle if np.dtype(dtype).kind in "iu" else BloscShuffle.shuffle
-    return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle, typesize=np.dtype(dtype).itemsize)
+    """Lossless codecs, measured on 16 x 16 x 64 x 64 chunks at dose 100 (``stemdist bench loader``):
+
+    - integer counts: zstd level 3 with bit-shuffle, ratio 70, 2.3 ms to decode (lz4: ratio 37, 1.7 ms);
+    - floats (denoised cubes hardly compress): lz4 with byte-shuffle, ratio 1.24 in 2.2 ms, against
+      zstd's 1.29 in 3.6 ms: the loader decodes these every epoch, so speed wins.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle, typesize=dtype.itemsize)
+    return BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle, typesize=dtype.itemsize)
 
 
 def default_tile(shape: tuple[int, ...], itemsize: int, target_bytes: int = CHUNK_BYTES) -> int:

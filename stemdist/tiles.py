@@ -68,7 +68,7 @@ class BlockReader:
     """
 
     def __init__(self, raw: zarr.Array, den: zarr.Array | None = None, beta: float = 0.0,
-                 cache_chunks: int = 12, grid: Grid | None = None):
+                 cache_chunks: int = 24, grid: Grid | None = None):
         self.raw, self.den, self.beta = raw, den, float(beta)
         if den is not None and den.shape != raw.shape:
             raise ValueError(f"blend arrays differ in shape: {raw.shape} vs {den.shape}")

@@ -33,7 +33,9 @@ def test_plan_is_disjoint_complete_and_even(world, workers, scan, tile, borders)
     B = 5
     n_shards = world * max(1, workers)
     for epoch in (0, 1):
-        plan = plan_shards(counts, epoch_order(grid.n_tiles, 7, 2, epoch), n_shards, B)
+        order = epoch_order(grid, 7, 2, epoch)
+        assert sorted(order) == list(range(grid.n_tiles))  # a permutation of the tiles
+        plan = plan_shards(counts, epoch_order(grid, 7, 2, epoch), n_shards, B)
         per_shard = [positions_of(grid, seg, borders) for seg in plan.segments]
         assert all(len(p) == plan.batches * B for p in per_shard)  # equal full batches everywhere
         seen = Counter(pos for p in per_shard for pos in p)
