@@ -98,8 +98,10 @@ def _native(arr: da.Array) -> da.Array:
 
 
 def _npy_header(fp) -> tuple[tuple[int, ...], np.dtype, bool]:
-    version = np.lib.format.read_magic(fp)
-    shape, fortran, dtype = np.lib.format._read_array_header(fp, version)  # noqa: SLF001
+    fmt = np.lib.format
+    version = fmt.read_magic(fp)
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran, dtype = read(fp)
     return shape, dtype, fortran
 
 

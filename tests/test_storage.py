@@ -1,0 +1,75 @@
+"""Conversion into chunked Zarr: every built-in input format, dtypes, chunks, codec and attributes."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+
+from stemdist import storage
+from stemdist.errors import InputError
+
+
+@pytest.fixture()
+def counts():
+    return np.random.default_rng(3).poisson(2.0, (7, 6, 10, 9)).astype(np.uint16)
+
+
+def write(tmp_path, kind, data):
+    if kind == "npy":
+        np.save(tmp_path / "in.npy", data)
+        return tmp_path / "in.npy", None
+    if kind == "npz-stored":
+        np.savez(tmp_path / "in.npz", cube=data, other=np.zeros(3))
+        return tmp_path / "in.npz", "cube"
+    if kind == "npz-compressed":
+        np.savez_compressed(tmp_path / "in.npz", cube=data)
+        return tmp_path / "in.npz", None
+    with h5py.File(tmp_path / "in.h5", "w") as f:
+        f.create_dataset("entry/data", data=data, chunks=(2, 2, 10, 9))
+        f["entry/mask"] = np.ones((10, 9))
+    return tmp_path / "in.h5", "entry/data"
+
+
+@pytest.mark.parametrize("kind", ["npy", "npz-stored", "npz-compressed", "h5"])
+def test_convert_keeps_values_dtype_and_records_source(tmp_path, counts, kind):
+    src, key = write(tmp_path, kind, counts)
+    before = src.read_bytes()
+    out = storage.convert(src, tmp_path / "out.zarr", dataset=key, tile=4)
+    assert out.dtype == np.uint16  # integer counts stay integer
+    assert out.chunks == (4, 4, 10, 9)  # whole patterns per chunk, tiled over the scan
+    np.testing.assert_array_equal(out[...], counts)
+    assert out.attrs["source"].endswith(src.name) and out.attrs["shape"] == [7, 6, 10, 9]
+    assert out.attrs["axes"] == ["scan_y", "scan_x", "det_y", "det_x"]
+    assert src.read_bytes() == before
+
+
+def test_default_chunks_are_a_few_mb(tmp_path):
+    data = np.zeros((40, 30, 64, 64), dtype=np.uint16)
+    np.save(tmp_path / "z.npy", data)
+    out = storage.convert(tmp_path / "z.npy", tmp_path / "z.zarr")
+    chunk_mb = np.prod(out.chunks) * 2 / 2**20
+    assert out.chunks[2:] == (64, 64) and 1 <= chunk_mb <= 4
+    codec = out.metadata.to_dict()["codecs"][-1]
+    assert codec["name"] == "blosc" and codec["configuration"]["cname"] == "zstd"
+
+
+def test_npz_with_several_arrays_needs_a_key(tmp_path, counts):
+    np.savez(tmp_path / "two.npz", a=counts, b=counts)
+    with pytest.raises(InputError, match="choose one with --dataset"):
+        storage.convert(tmp_path / "two.npz", tmp_path / "o.zarr")
+
+
+def test_existing_output_is_never_overwritten(tmp_path, counts):
+    np.save(tmp_path / "in.npy", counts)
+    (tmp_path / "o.zarr").mkdir()
+    (tmp_path / "o.zarr" / "keep").write_text("x")
+    with pytest.raises(InputError, match="already exists"):
+        storage.convert(tmp_path / "in.npy", tmp_path / "o.zarr")
+    assert (tmp_path / "o.zarr" / "keep").read_text() == "x"
+
+
+def test_zarr_group_input_picks_the_noisy_array(small_cube):
+    arr = storage.open_cube(small_cube)
+    assert arr.path.endswith("noisy") and isinstance(arr, zarr.Array)
