@@ -24,6 +24,7 @@ SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 HEADLINE = ("psnr", "bf_err", "adf_err", "com_y_err", "com_x_err")  # the goal's columns
 SHOWN = ("psnr", "psnr_interior", "ssim", "bf_err", "adf_err", "com_y_err", "com_x_err")
 BASELINES = ("gaussian", "neighbours", "pca")
+BUDGET = 16  # epochs of the shortened protocol, shared by its cycles
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--doses", type=float, nargs="+", default=[100.0], help="electrons per pattern")
     p.add_argument("--scan-crop", type=int, default=24, help="top-left N x N positions of the scan")
     p.add_argument("--config", default="default", help="configuration to score (name or YAML file)")
-    p.add_argument("--cycles", type=int, default=2, help="train.cycles (default 2: shortened protocol)")
-    p.add_argument("--epochs", type=int, default=8, help="train.epochs (default 8)")
+    p.add_argument("--cycles", type=int, help="train.cycles (default: the config's, at most 2)")
+    p.add_argument("--epochs", type=int, help=f"train.epochs (default: {BUDGET} epochs shared by the cycles)")
     p.add_argument("--warmup-epochs", type=int, default=2, help="train.warmup_epochs (default 2)")
     p.add_argument("--base-width", type=int, default=16, help="model.base_width (default 16)")
     p.add_argument("--full", action="store_true",
@@ -83,7 +84,9 @@ def overrides(args) -> tuple[str, dict]:
         config, over = "smoke", {}
     else:
         config = args.config
-        over = {} if args.full else {"train": {"cycles": args.cycles, "epochs": args.epochs,
+        cycles = args.cycles or min(cfg.load(config).train.cycles, 2)
+        epochs = args.epochs or max(1, BUDGET // cycles)
+        over = {} if args.full else {"train": {"cycles": cycles, "epochs": epochs,
                                                "warmup_epochs": args.warmup_epochs},
                                      "model": {"base_width": args.base_width}}
     # loader processes only cost time on a CPU; they never change the result
