@@ -64,6 +64,7 @@ class InferenceConfig:
 class OutputConfig:
     keep_cycles: Literal["all", "last"] = "all"
     final: Literal["last", "mean"] = "last"  # final cube: last cycle, or mean of all cycles
+    calibrate: bool = False  # scale the final cube per detector pixel so its mean pattern is the raw one
     progress: bool = True
 
 
