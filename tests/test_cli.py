@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import zarr
 
+from stemdist.cli import main
 from stemdist.metrics import relative_rmse
 
 from .conftest import SMOKE, run_cli
@@ -135,17 +136,23 @@ def write_bad(tmp_path: Path, kind: str) -> list[str]:
     ("missing", "does not exist"),
     ("h5-missing-key", "no dataset 'wrong'"),
 ])
-def test_bad_input_is_one_clear_error(tmp_path, kind, needle):
+def test_bad_input_is_one_clear_error(tmp_path, capsys, kind, needle):
+    """In process (fast): the CLI returns status 2 with one line naming the problem; nothing is written."""
     args = write_bad(tmp_path, kind)
     before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     for cmd in (["denoise", *args, "--out", str(tmp_path / "run"), *SMOKE], ["convert", *args,
                                                                               str(tmp_path / "c.zarr")]):
-        proc = run_cli(*cmd, check=False)
-        assert proc.returncode == 2, proc.stderr
-        assert needle in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
-        assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "c.zarr").exists()
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "c.zarr").exists() and not (tmp_path / "run").exists()
     assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_bad_input_exit_status_from_a_real_process(tmp_path):
+    args = write_bad(tmp_path, "nan")
+    proc = run_cli("denoise", *args, "--out", str(tmp_path / "run"), *SMOKE, check=False)
+    assert proc.returncode == 2 and "NaN or infinite" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bad_zarr_input_values(tmp_path):
