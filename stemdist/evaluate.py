@@ -23,6 +23,7 @@ from .cycles import RunPaths
 from .errors import InputError
 from .metrics import DEFINITIONS, VIRTUAL, Masks, evaluate_cubes, find_masks, mean_pattern
 from .metrics import virtual_images_lazy as lazy_virtual
+from .progress import dask_bar
 
 COLUMNS = ("psnr", "psnr_interior", "ssim", "rel_rmse", "bf_err", "adf_err", "com_y_err", "com_x_err")
 
@@ -158,11 +159,12 @@ def table(methods: dict[str, dict], columns=COLUMNS) -> str:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    result = evaluate(a.run_dir, a.truth, a.reference, with_baselines=a.baselines,
-                      truth_dataset=a.truth_dataset, truth_scale=a.truth_scale,
-                      reference_dataset=a.reference_dataset, sigma=a.sigma, pca_rank=a.pca_rank,
-                      center=tuple(a.center) if a.center else None, bf_radius=a.bf_radius,
-                      adf_inner=a.adf_inner, adf_outer=a.adf_outer, threshold=a.threshold)
+    with dask_bar("evaluate"):
+        result = evaluate(a.run_dir, a.truth, a.reference, with_baselines=a.baselines,
+                          truth_dataset=a.truth_dataset, truth_scale=a.truth_scale,
+                          reference_dataset=a.reference_dataset, sigma=a.sigma, pca_rank=a.pca_rank,
+                          center=tuple(a.center) if a.center else None, bf_radius=a.bf_radius,
+                          adf_inner=a.adf_inner, adf_outer=a.adf_outer, threshold=a.threshold)
     if not a.quiet:
         m = result["masks"]
         print(f"masks: centre ({m['center'][0]:.1f}, {m['center'][1]:.1f}), "

@@ -23,6 +23,7 @@ import zarr
 
 from .errors import InputError
 from .formats import AXES, FORMATS_EXTRA, require
+from .progress import dask_bar
 from .storage import export_npy, open_cube
 
 EXPORT_SUFFIXES = (".npy", ".h5", ".hdf5", ".emd", ".hspy", ".zspy")
@@ -173,9 +174,10 @@ def export(source: str | Path, output: str | Path, dataset: str | None = None,
     arr = open_cube(zpath, dataset)
     calib = calibration(arr, run_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
-    if suffix in EMD_SUFFIXES:
-        return export_emd(arr, output, calib)
-    return export_hspy(arr, output, calib, title=Path(str(zpath)).stem + (f"/{dataset}" if dataset else ""))
+    with dask_bar(f"export {output.name}"):
+        if suffix in EMD_SUFFIXES:
+            return export_emd(arr, output, calib)
+        return export_hspy(arr, output, calib, title=Path(str(zpath)).stem + (f"/{dataset}" if dataset else ""))
 
 
 __all__ = ["export", "export_emd", "export_hspy", "calibration", "resolve", "FORMATS_EXTRA"]
