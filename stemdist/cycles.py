@@ -18,7 +18,7 @@ import zarr
 from . import distributed, progress, storage
 from .config import Config, ConfigError, apply
 from .errors import InputError
-from .figures import cycle_figure, denoised_figure, virtual_bf
+from .figures import cycle_figure, denoised_figure, virtual_bf, virtual_bf_lazy
 from .formats import open_source
 from .inference import infer
 from .module import Denoiser
@@ -74,6 +74,10 @@ class RunPaths:
         return self.root / "input.zarr"
 
     @property
+    def raw_bf(self) -> Path:
+        return self.root / "report" / "raw_bf.npy"
+
+    @property
     def log_file(self) -> Path:
         return self.root / "stemdist.log"
 
@@ -124,7 +128,7 @@ def prepare(input_path: str | Path, paths: RunPaths, config: Config, dataset: st
     input_path = Path(input_path)
     if storage.is_zarr(input_path):
         arr = storage.open_cube(input_path, dataset)
-        storage.check_values(arr, str(input_path))
+        (raw_bf,) = storage.check_values(arr, str(input_path), (virtual_bf_lazy(arr),))  # one pass for both
         raw = str(Path(arr.store.root) if hasattr(arr.store, "root") else input_path)
         if arr.path:
             raw = str(Path(raw) / arr.path)
@@ -137,7 +141,10 @@ def prepare(input_path: str | Path, paths: RunPaths, config: Config, dataset: st
             shutil.rmtree(root, ignore_errors=True)
             raise
         raw = str(paths.input)
+        raw_bf = virtual_bf(zarr.open_array(raw, mode="r"))
     arr = zarr.open_array(raw, mode="r")
+    (root / "report").mkdir(exist_ok=True)
+    np.save(paths.raw_bf, raw_bf)
     info = {"input": str(Path(input_path).resolve()), "dataset": dataset, "raw": str(Path(raw).resolve()),
             "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks)}
     config.save(paths.config)
@@ -198,7 +205,7 @@ def run(input_path: str | Path, out: str | Path, config: Config, *, dataset: str
         module.net.load_state_dict(torch.load(paths.cycle_weights(start), map_location="cpu"))
         if ranks.is_main:
             log.info("resuming after complete cycle %d of %d", start, C)
-    raw_bf = virtual_bf(raw) if ranks.is_main else None
+    raw_bf = np.load(paths.raw_bf) if ranks.is_main else None  # computed once, while checking the input
     for c in range(start + 1, C + 1):
         t0 = time.perf_counter()
         beta = c / C
@@ -223,7 +230,6 @@ def run(input_path: str | Path, out: str | Path, config: Config, *, dataset: str
         bf = distributed.sum_to_main(bf)
         distributed.barrier()
         if ranks.is_main:
-            (paths.root / "report").mkdir(exist_ok=True)
             cycle_figure(paths.root / "report" / f"cycle_{c:02d}_bf.png", c, raw_bf, bf,
                          paths.root / "logs" / "tensorboard" / f"cycle_{c:02d}")
             storage.mark_complete(out_arr, seconds=round(time.perf_counter() - t0, 2))
@@ -268,6 +274,6 @@ def finish(paths: RunPaths, config: Config, raw: zarr.Array, reference: str | Pa
     if reference is not None:
         ref, _ = open_source(reference)
         storage.check_shape(ref.shape, str(reference))
-    denoised_figure(paths.figure, raw, final, ref)
+    denoised_figure(paths.figure, np.load(paths.raw_bf), final, ref)
     log.info("final cube %s, weights %s, figure %s", paths.final, paths.weights, paths.figure)
     run_figures(paths, raw, final, ref)

@@ -13,10 +13,15 @@ import numpy as np  # noqa: E402
 import zarr  # noqa: E402
 
 
-def virtual_bf(arr: zarr.Array | da.Array) -> np.ndarray:
-    """Sum over the detector of every pattern (the reference's bright-field image), streamed."""
+def virtual_bf_lazy(arr: zarr.Array | da.Array) -> da.Array:
+    """Sum over the detector of every pattern (the reference's bright-field image), as a dask array."""
     darr = arr if isinstance(arr, da.Array) else da.from_zarr(arr)
-    return darr.astype(np.float64).sum(axis=(2, 3)).compute()
+    return darr.astype(np.float64).sum(axis=(2, 3))
+
+
+def virtual_bf(arr: zarr.Array | da.Array) -> np.ndarray:
+    """The virtual bright-field image, streamed."""
+    return virtual_bf_lazy(arr).compute()
 
 
 def image_panels(path: str | Path, panels: dict[str, np.ndarray], title: str = "") -> Path:
@@ -37,10 +42,10 @@ def image_panels(path: str | Path, panels: dict[str, np.ndarray], title: str = "
     return Path(path)
 
 
-def denoised_figure(path: str | Path, raw: zarr.Array, denoised: zarr.Array,
+def denoised_figure(path: str | Path, raw_bf: np.ndarray, denoised: zarr.Array,
                     reference: zarr.Array | da.Array | None = None) -> Path:
-    """``denoised.png``: virtual bright-field of raw, denoised and (when given) the high-dose reference."""
-    panels = {"raw": virtual_bf(raw), "denoised": virtual_bf(denoised)}
+    """``denoised.png``: virtual bright-field of raw (given), denoised and (when given) the high-dose reference."""
+    panels = {"raw": raw_bf, "denoised": virtual_bf(denoised)}
     if reference is not None:
         panels["high-dose reference"] = virtual_bf(reference)
     return image_panels(path, panels, "virtual bright-field (sum over the detector)")

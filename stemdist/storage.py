@@ -80,14 +80,17 @@ def _flag_names(arr: da.Array) -> list[str]:
     return names
 
 
-def check_values(arr: zarr.Array | da.Array, name: str) -> None:
-    """Stream over the cube chunk by chunk; raise if any value is NaN, infinite or negative."""
+def check_values(arr: zarr.Array | da.Array, name: str, extra: tuple[da.Array, ...] = ()) -> list:
+    """Stream over the cube chunk by chunk; raise if any value is NaN, infinite or negative.
+
+    ``extra`` lazy results over the same cube are computed in the same pass and returned.
+    """
     darr = arr if isinstance(arr, da.Array) else da.from_zarr(arr)
     checks = _value_checks(darr)
-    if checks:
-        with dask_bar(f"checking {Path(name).name}"):
-            flags = list(da.compute(*checks))
-        _raise_on_values(flags, _flag_names(darr), name)
+    with dask_bar(f"checking {Path(name).name}"):
+        results = list(da.compute(*checks, *extra))
+    _raise_on_values(results[:len(checks)], _flag_names(darr), name)
+    return results[len(checks):]
 
 
 def open_cube(path: str | Path, dataset: str | None = None) -> zarr.Array:
