@@ -18,7 +18,7 @@ import zarr
 from . import distributed, progress, storage
 from .config import Config, ConfigError, apply
 from .errors import InputError
-from .figures import cycle_figure, denoised_figure, virtual_bf, virtual_bf_lazy
+from .figures import bright_field_mask, cycle_figure, denoised_figure, virtual_bf, virtual_bf_lazy
 from .formats import open_source
 from .inference import infer
 from .module import Denoiser
@@ -78,6 +78,10 @@ class RunPaths:
         return self.root / "report" / "raw_bf.npy"
 
     @property
+    def bf_mask(self) -> Path:
+        return self.root / "report" / "bf_mask.npy"
+
+    @property
     def log_file(self) -> Path:
         return self.root / "stemdist.log"
 
@@ -128,7 +132,8 @@ def prepare(input_path: str | Path, paths: RunPaths, config: Config, dataset: st
     input_path = Path(input_path)
     if storage.is_zarr(input_path):
         arr = storage.open_cube(input_path, dataset)
-        (raw_bf,) = storage.check_values(arr, str(input_path), (virtual_bf_lazy(arr),))  # one pass for both
+        mask = bright_field_mask(arr)
+        (raw_bf,) = storage.check_values(arr, str(input_path), (virtual_bf_lazy(arr, mask),))  # one pass
         raw = str(Path(arr.store.root) if hasattr(arr.store, "root") else input_path)
         if arr.path:
             raw = str(Path(raw) / arr.path)
@@ -141,10 +146,12 @@ def prepare(input_path: str | Path, paths: RunPaths, config: Config, dataset: st
             shutil.rmtree(root, ignore_errors=True)
             raise
         raw = str(paths.input)
-        raw_bf = virtual_bf(zarr.open_array(raw, mode="r"))
+        mask = bright_field_mask(zarr.open_array(raw, mode="r"))
+        raw_bf = virtual_bf(zarr.open_array(raw, mode="r"), mask)
     arr = zarr.open_array(raw, mode="r")
     (root / "report").mkdir(exist_ok=True)
     np.save(paths.raw_bf, raw_bf)
+    np.save(paths.bf_mask, mask)
     info = {"input": str(Path(input_path).resolve()), "dataset": dataset, "raw": str(Path(raw).resolve()),
             "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks)}
     config.save(paths.config)
@@ -206,6 +213,7 @@ def run(input_path: str | Path, out: str | Path, config: Config, *, dataset: str
         if ranks.is_main:
             log.info("resuming after complete cycle %d of %d", start, C)
     raw_bf = np.load(paths.raw_bf) if ranks.is_main else None  # computed once, while checking the input
+    bf_mask = np.load(paths.bf_mask)
     for c in range(start + 1, C + 1):
         t0 = time.perf_counter()
         beta = c / C
@@ -225,7 +233,8 @@ def run(input_path: str | Path, out: str | Path, config: Config, *, dataset: str
             bf = infer(module, raw, den_arr, beta, out_arr, borders=config.data.borders,
                   batch_size=config.inference.batch_size, device=device, rank=ranks.rank,
                   world_size=ranks.world_size, cache_chunks=config.data.cache_chunks,
-                  autocast="bf16" if precision(config) == "bf16-mixed" else None, progress=advance)
+                  autocast="bf16" if precision(config) == "bf16-mixed" else None, progress=advance,
+                  bf_mask=bf_mask)
         module.cpu().train()
         bf = distributed.sum_to_main(bf)
         distributed.barrier()
@@ -274,6 +283,6 @@ def finish(paths: RunPaths, config: Config, raw: zarr.Array, reference: str | Pa
     if reference is not None:
         ref, _ = open_source(reference)
         storage.check_shape(ref.shape, str(reference))
-    denoised_figure(paths.figure, np.load(paths.raw_bf), final, ref)
+    denoised_figure(paths.figure, np.load(paths.raw_bf), final, np.load(paths.bf_mask), ref)
     log.info("final cube %s, weights %s, figure %s", paths.final, paths.weights, paths.figure)
     run_figures(paths, raw, final, ref)

@@ -64,11 +64,12 @@ def _read_ahead(reader: BlockReader, tiles: range) -> Iterator[tuple[int, np.nda
 
 def infer(model: torch.nn.Module, raw: zarr.Array, den: zarr.Array | None, beta: float, out: zarr.Array,
           *, borders: Borders, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1,
-          cache_chunks: int = 24, autocast: str | None = None, progress=None) -> np.ndarray:
+          cache_chunks: int = 24, autocast: str | None = None, progress=None,
+          bf_mask: np.ndarray | None = None) -> np.ndarray:
     """Write this rank's chunks of ``out`` = model applied to ``(1 - beta) raw + beta den``.
 
-    Returns the virtual bright-field image (sum over the detector) of the chunks this rank wrote, zero
-    elsewhere: summed over ranks it is the whole image, for free (no second pass over the cube).
+    Returns the virtual bright-field image (counts in ``bf_mask``, or the whole detector) of the chunks
+    this rank wrote, zero elsewhere: summed over ranks it is the whole image, for free (no second pass).
     """
     grid = Grid.of(out)
     reader = BlockReader(raw, den, beta, cache_chunks, grid)
@@ -80,7 +81,8 @@ def infer(model: torch.nn.Module, raw: zarr.Array, den: zarr.Array | None, beta:
         for t, block in _read_ahead(reader, tiles):
             pred = predict_block(model, block, grid, t, borders, batch_size, device, autocast)
             y0, y1, x0, x1 = grid.bounds(t)
-            image[y0:y1, x0:x1] = pred.sum(axis=(2, 3), dtype=np.float64)
+            image[y0:y1, x0:x1] = (pred.sum(axis=(2, 3), dtype=np.float64) if bf_mask is None
+                                   else np.tensordot(pred, bf_mask, axes=([2, 3], [0, 1])))
             writes.append(writer.submit(out.__setitem__, (slice(y0, y1), slice(x0, x1)), pred))
             while len(writes) > WRITES_IN_FLIGHT:
                 writes.popleft().result()
