@@ -16,7 +16,7 @@ import torch
 import zarr
 
 from . import distributed, progress, storage
-from .config import Config, ConfigError, apply
+from .config import Config, ConfigError, apply, load
 from .errors import InputError
 from .figures import bright_field_mask, cycle_figure, denoised_figure, virtual_bf, virtual_bf_lazy
 from .formats import open_source
@@ -122,8 +122,6 @@ def prepare(input_path: str | Path, paths: RunPaths, config: Config, dataset: st
         if not paths.run_info.exists():
             raise InputError(f"--resume: {root} holds no stemdist run (no run.json)")
         info = json.loads(paths.run_info.read_text())
-        from .config import load
-
         _check_resume_config(load(paths.config), overrides)
         return info
     if root.exists() and any(root.iterdir()):
@@ -184,9 +182,7 @@ def run(input_path: str | Path, out: str | Path, config: Config, *, dataset: str
     info = distributed.run_on_main(
         lambda: prepare(input_path, paths, config, dataset, resume, overrides or {}), ranks)
     if resume:
-        from .config import load
-
-        config = apply(load(paths.config), {k: v for k, v in (overrides or {}).items()}, "override")
+        config = apply(load(paths.config), overrides or {}, "override")
     if ranks.is_main:
         setup_logging(paths.log_file)
         log.info("run %s: input %s, shape %s, %d rank(s)", paths.root, info["input"], info["shape"],
