@@ -12,6 +12,7 @@ samples of ``shuffle_tiles`` tiles at a time.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 import zarr
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .tiles import BlockReader, Borders, Grid, gather_centres, gather_neighbours, tile_positions
+from .tiles import BlockReader, Borders, Grid, flat_index, tile_positions
 
 BAND = 4  # tile columns per band of the epoch's walk
 Segment = tuple[int, int, int]  # (tile, first sample, end sample) in the tile's raster order
@@ -75,11 +76,30 @@ def plan_shards(counts: np.ndarray, order: np.ndarray, n_shards: int, batch_size
     return ShardPlan(segments, batches, total, n_shards * per_shard - total)
 
 
-class NeighbourPatches(IterableDataset):
-    """Yields ready batches ``(neighbours (B, 8, P, Q), centres (B, 1, P, Q))`` as float32 tensors.
+Group = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
-    ``raw`` and ``den`` are Zarr array paths; the training cube is ``(1 - beta) raw + beta den``,
-    computed on the fly. Targets come from the same blend (``target="mix"``) or from ``raw``.
+
+def split_group(group: Group) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The training batches ``(neighbours (B, 8, P, Q), centres (B, 1, P, Q))`` of one yielded group.
+
+    Runs where the group's tensors are: after one copy to the GPU, the 9x larger neighbour stacks are
+    built there by indexing, and never cross the host-device link.
+    """
+    patterns, index, targets = group
+    for b in range(len(index)):
+        x = patterns[index[b, :, :8]]
+        y = patterns[index[b, :, 8]] if targets.numel() == 0 else targets[b]
+        yield x, y[:, None]
+
+
+class NeighbourPatches(IterableDataset):
+    """Yields groups of training batches, each ``(patterns (U, P, Q), index (n, B, 9), targets)``.
+
+    ``patterns`` are the halo blocks of ``shuffle_tiles`` tiles, flattened (each pattern once);
+    ``index[b]`` holds, per sample of batch ``b``, the rows of its 8 neighbours and its centre;
+    :func:`split_group` turns a group into ``n`` batches of ready tensors. ``raw`` and ``den`` are Zarr
+    array paths; the training cube is ``(1 - beta) raw + beta den``, computed on the fly. Targets are the
+    centres of the same blend (``target="mix"``, ``targets`` empty) or of ``raw`` (``targets`` (n, B, P, Q)).
     """
 
     def __init__(self, raw: str, den: str | None = None, beta: float = 0.0, *, batch_size: int = 32,
@@ -109,8 +129,13 @@ class NeighbourPatches(IterableDataset):
         return plan_shards(self.counts, order, self.n_shards, self.batch_size)
 
     def __len__(self) -> int:
-        """Batches per rank and epoch (the same on every rank)."""
+        """Batches per rank and epoch (the same on every rank), summed over all groups."""
         return self.plan(0).batches * max(1, self.num_workers)
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's batches, split here (single process, CPU: tests and tools)."""
+        for group in self:
+            yield from split_group(group)
 
     def _readers(self) -> tuple[BlockReader, BlockReader | None]:
         raw = zarr.open_array(self.raw, mode="r")
@@ -120,61 +145,63 @@ class NeighbourPatches(IterableDataset):
             return mix, BlockReader(raw, None, 0.0, self.cache_chunks, self.grid)
         return mix, None
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Group]:
         info = get_worker_info()
         worker = 0 if info is None else info.id
         epoch = int(self._epoch[0])
         shard = self.rank * max(1, self.num_workers) + worker
         segments = self.plan(epoch).segments[shard]
         rng = np.random.default_rng([self.seed, self.cycle, epoch, shard, 1])
-        yield from self._batches(segments, rng)
+        yield from self._groups(segments, rng, shared=info is not None)
 
-    def _batches(self, segments: list[Segment], rng: np.random.Generator):
+    def _groups(self, segments: list[Segment], rng: np.random.Generator, shared: bool) -> Iterator[Group]:
+        """Groups of ``shuffle_tiles`` tiles, their samples shuffled together; the samples that do not fill
+        a last batch are carried (as their 9 patterns) into the next group, so every batch is full."""
         mix, target = self._readers()
         B, g = self.batch_size, self.grid
-        left_x = left_y = None
+        slot = (g.ty + 2, g.tx + 2)
+        P, Q = mix.raw.shape[2:]
+        carry = np.zeros((0, 9, P, Q), np.float32)  # patterns of carried samples
+        carry_t = np.zeros((0, P, Q), np.float32)  # their targets (from ``raw``)
         for g0 in range(0, len(segments), self.shuffle_tiles):
             group = segments[g0:g0 + self.shuffle_tiles]
-            xs = self._stack([mix.block(t) for t, _, _ in group])
-            ys = xs if target is None else self._stack([target.block(t) for t, _, _ in group])
+            n_blocks = len(group) * slot[0] * slot[1]
+            # one buffer: the group's halo blocks, then the carried samples' patterns; in shared memory
+            # when made in a loader worker (the DataLoader then passes it on without another copy)
+            shape = (n_blocks + carry.size // (P * Q), P, Q)
+            if shared:
+                patterns = torch.empty(shape, dtype=torch.float32).share_memory_()
+            else:  # numpy's allocation: huge pages, far fewer page faults than torch.empty
+                patterns = torch.from_numpy(np.empty(shape, dtype=np.float32))
+            buf = patterns.numpy()
+            blocks = buf[:n_blocks].reshape(len(group), *slot, P, Q)
+            buf[n_blocks:] = carry.reshape(-1, P, Q)
             k, i, j = [], [], []
             for n, (t, a, b) in enumerate(group):
+                mix.block(t, blocks[n])
                 ti, tj = tile_positions(g, t, self.borders)
                 i.append(ti[a:b])
                 j.append(tj[a:b])
                 k.append(np.full(b - a, n))
             k, i, j = (np.concatenate(v) for v in (k, i, j))
             perm = rng.permutation(len(k))
-            k, i, j = k[perm], i[perm], j[perm]
-            start = 0
-            if left_x is not None:  # complete the batch carried over from the previous group
-                need = B - len(left_x)
-                x = gather_neighbours(xs, k[:need], i[:need], j[:need])
-                y = gather_centres(ys, k[:need], i[:need], j[:need])
-                left_x, left_y = np.concatenate([left_x, x]), np.concatenate([left_y, y])
-                start = need
-                if len(left_x) == B:
-                    yield torch.from_numpy(left_x), torch.from_numpy(left_y)
-                    left_x = left_y = None
-                else:
-                    continue
-            for s in range(start, len(k), B):
-                sl = slice(s, min(s + B, len(k)))
-                x = gather_neighbours(xs, k[sl], i[sl], j[sl])
-                y = gather_centres(ys, k[sl], i[sl], j[sl])
-                if len(x) == B:
-                    yield torch.from_numpy(x), torch.from_numpy(y)
-                else:
-                    left_x, left_y = x, y
-        if left_x is not None:
-            raise RuntimeError(f"shard ended with a partial batch of {len(left_x)} samples")
-
-    def _stack(self, blocks: list[np.ndarray]) -> np.ndarray:
-        """Stack halo blocks of (possibly smaller) edge tiles into one ``(K, ty+2, tx+2, P, Q)`` array."""
-        g = self.grid
-        if all(b.shape[:2] == (g.ty + 2, g.tx + 2) for b in blocks):
-            return np.stack(blocks)
-        out = np.zeros((len(blocks), g.ty + 2, g.tx + 2) + blocks[0].shape[2:], dtype=np.float32)
-        for n, b in enumerate(blocks):
-            out[n, :b.shape[0], :b.shape[1]] = b
-        return out
+            index = flat_index(k[perm], i[perm], j[perm], slot)
+            index = np.concatenate([n_blocks + np.arange(carry.shape[0] * 9).reshape(-1, 9), index])
+            if target is not None:
+                tblocks = np.empty_like(blocks)
+                for n, (t, _, _) in enumerate(group):
+                    target.block(t, tblocks[n])
+                centres = tblocks.reshape(-1, P, Q)[index[len(carry):, 8]]
+                targets = np.concatenate([carry_t, centres])
+            full = len(index) // B * B
+            rest = index[full:]
+            carry = buf[rest]
+            if target is not None:
+                carry_t = targets[full:]
+            if full == 0:
+                continue
+            tt = (torch.from_numpy(targets[:full].reshape(-1, B, P, Q)) if target is not None
+                  else torch.zeros(0))
+            yield patterns, torch.from_numpy(index[:full].reshape(-1, B, 9)), tt
+        if len(carry):
+            raise RuntimeError(f"shard ended with a partial batch of {len(carry)} samples")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import zarr
 
-from .tiles import BlockReader, Borders, Grid, gather, tile_positions
+from .tiles import BlockReader, Borders, Grid, flat_index, tile_positions
 
 READ_AHEAD = 2
 WRITES_IN_FLIGHT = 2
@@ -34,18 +34,17 @@ def predict_block(model: torch.nn.Module, block: np.ndarray, grid: Grid, t: int,
     y0, y1, x0, x1 = grid.bounds(t)
     out = block[1:y1 - y0 + 1, 1:x1 - x0 + 1].copy()
     ii, jj = tile_positions(grid, t, borders)
-    blocks, k = block[None], np.zeros(batch_size, dtype=np.int64)
-    pin = device.type == "cuda"
+    # the block's patterns cross to the device once; the 8-neighbour stacks are built there
+    patterns = torch.from_numpy(np.ascontiguousarray(block).reshape(-1, *block.shape[2:]))
+    if device.type == "cuda":
+        patterns = patterns.pin_memory()
+    patterns = patterns.to(device, non_blocking=True)
+    index = torch.from_numpy(flat_index(np.zeros_like(ii), ii, jj, block.shape[:2])[:, :8]).to(device)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     for s in range(0, len(ii), batch_size):
-        i, j = ii[s:s + batch_size], jj[s:s + batch_size]
-        x = torch.from_numpy(gather(blocks, k[:len(i)], i, j)[0])
-        if pin:
-            x = x.pin_memory()
-        x = x.to(device, non_blocking=True)
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with ctx:
-            pred = model(x)
-        out[i, j] = pred[:, 0].float().cpu().numpy()
+            pred = model(patterns[index[s:s + batch_size]])
+        out[ii[s:s + batch_size], jj[s:s + batch_size]] = pred[:, 0].float().cpu().numpy()
     return out
 
 

@@ -11,10 +11,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import torch
 import zarr
+
+from .storage import ChunkReader
 
 # Channel order of the 8 neighbours (di, dj), as in the reference.
 OFFSETS = np.array([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
+NINE = np.concatenate([OFFSETS, [(0, 0)]])  # the neighbours, then the centre
 Borders = Literal["reflect", "copy"]
 
 
@@ -64,7 +68,7 @@ class BlockReader:
 
     Whole chunks are decoded and kept in a small LRU cache, so the halo rows that a tile borrows from
     its neighbours cost no extra decode when those neighbours are read next. Memory is bounded by
-    ``cache_chunks`` chunks.
+    ``cache_chunks`` chunks; evicted chunk buffers are reused (fresh pages cost as much as decoding).
     """
 
     def __init__(self, raw: zarr.Array, den: zarr.Array | None = None, beta: float = 0.0,
@@ -72,35 +76,61 @@ class BlockReader:
         self.raw, self.den, self.beta = raw, den, float(beta)
         if den is not None and den.shape != raw.shape:
             raise ValueError(f"blend arrays differ in shape: {raw.shape} vs {den.shape}")
-        self.grid = grid or Grid.of(raw)
+        self.grid = g = grid or Grid.of(raw)
+        self.blend = den is not None and self.beta != 0.0
+        self.chunk_shape = (g.ty, g.tx) + tuple(raw.shape[2:])
+        self.sources = [ChunkReader(raw, self.chunk_shape)] + ([ChunkReader(den, self.chunk_shape)]
+                                                                if self.blend else [])
         self.cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self.cache_chunks = max(1, cache_chunks)
+        self._free: list[np.ndarray] = []  # evicted float32 chunk buffers
+        self._scratch: dict[str, np.ndarray] = {}  # per-dtype decode buffers, reused
+
+    def _buffer(self, name: str, dtype: np.dtype) -> np.ndarray:
+        buf = self._scratch.get(name)
+        if buf is None or buf.dtype != dtype:
+            buf = self._scratch[name] = np.empty(self.chunk_shape, dtype)
+        return buf
+
+    def _decode(self, cy: int, cx: int) -> np.ndarray:
+        """Chunk ``(cy, cx)`` of the blend, full chunk shape (edge chunks padded), in a reused buffer."""
+        out = self._free.pop() if self._free else np.empty(self.chunk_shape, np.float32)
+        raw = self.sources[0]
+        if raw.dtype == np.float32 and not self.blend:
+            return raw.read(cy, cx, out)
+        counts = raw.read(cy, cx, self._buffer("raw", raw.dtype))
+        if not self.blend:
+            np.copyto(out, counts, casting="unsafe")
+            return out
+        den = self.sources[1]
+        mix = den.read(cy, cx, out if den.dtype == np.float32 else self._buffer("den", den.dtype))
+        if mix is not out:
+            np.copyto(out, mix, casting="unsafe")
+        tmp = self._buffer("tmp", np.dtype(np.float32))
+        np.copyto(tmp, counts, casting="unsafe")
+        t = torch.from_numpy(out)
+        torch.lerp(torch.from_numpy(tmp), t, self.beta, out=t)  # (1 - beta) raw + beta den, one pass
+        return out
 
     def _chunk(self, cy: int, cx: int) -> np.ndarray:
+        """The valid part of blended chunk ``(cy, cx)``, from the cache or decoded into it."""
         key = (cy, cx)
         if key in self.cache:
             self.cache.move_to_end(key)
-            return self.cache[key]
+            full = self.cache[key]
+        else:
+            full = self.cache[key] = self._decode(cy, cx)
+            if len(self.cache) > self.cache_chunks:
+                self._free.append(self.cache.popitem(last=False)[1])
         g = self.grid
-        sl = (slice(cy * g.ty, min((cy + 1) * g.ty, g.H)), slice(cx * g.tx, min((cx + 1) * g.tx, g.W)))
-        block = np.asarray(self.raw[sl], dtype=np.float32)
-        if self.den is not None and self.beta != 0.0:
-            den = np.asarray(self.den[sl], dtype=np.float32)
-            if self.beta == 1.0:
-                block = den
-            else:
-                block *= 1.0 - self.beta
-                block += self.beta * den
-        self.cache[key] = block
-        if len(self.cache) > self.cache_chunks:
-            self.cache.popitem(last=False)
-        return block
+        return full[:min(g.ty, g.H - cy * g.ty), :min(g.tx, g.W - cx * g.tx)]
 
-    def region(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """The blended cube over ``[y0, y1) x [x0, x1)`` (inside the scan), assembled from chunks."""
+    def region(self, y0: int, y1: int, x0: int, x1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The blended cube over ``[y0, y1) x [x0, x1)`` (inside the scan), assembled from chunks (into
+        ``out`` when given)."""
         g = self.grid
-        P, Q = self.raw.shape[2:]
-        out = np.empty((y1 - y0, x1 - x0, P, Q), dtype=np.float32)
+        if out is None:
+            out = np.empty((y1 - y0, x1 - x0) + tuple(self.raw.shape[2:]), dtype=np.float32)
         for cy in range(y0 // g.ty, (y1 - 1) // g.ty + 1):
             for cx in range(x0 // g.tx, (x1 - 1) // g.tx + 1):
                 chunk = self._chunk(cy, cx)
@@ -110,20 +140,31 @@ class BlockReader:
                 out[ya - y0:yb - y0, xa - x0:xb - x0] = chunk[ya - cy0:yb - cy0, xa - cx0:xb - cx0]
         return out
 
-    def block(self, t: int) -> np.ndarray:
-        """Tile ``t`` with a one-position halo on every side, ``(ty + 2, tx + 2, P, Q)``.
+    def block(self, t: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Tile ``t`` with a one-position halo on every side, ``(h + 2, w + 2, P, Q)`` for a tile of
+        ``h x w`` positions (written into the top-left corner of ``out`` when given).
 
         Halo positions outside the scan are filled by reflection (index -1 -> 1, H -> H - 2), so a
         border position's missing neighbours are real, distinct patterns and never the centre itself.
         """
         y0, y1, x0, x1 = self.grid.bounds(t)
         H, W = self.grid.H, self.grid.W
+        h, w = y1 - y0 + 2, x1 - x0 + 2
+        if out is None:
+            out = np.empty((h, w) + tuple(self.raw.shape[2:]), dtype=np.float32)
         ya, yb, xa, xb = max(y0 - 1, 0), min(y1 + 1, H), max(x0 - 1, 0), min(x1 + 1, W)
-        inner = self.region(ya, yb, xa, xb)
-        pad = ((ya - (y0 - 1), (y1 + 1) - yb), (xa - (x0 - 1), (x1 + 1) - xb), (0, 0), (0, 0))
-        if any(p for p in pad[0] + pad[1]):
-            inner = np.pad(inner, pad, mode="reflect")
-        return inner
+        top, left = ya - (y0 - 1), xa - (x0 - 1)  # 1 where the halo lies outside the scan
+        self.region(ya, yb, xa, xb, out[top:top + yb - ya, left:left + xb - xa])
+        # reflect rows, then columns (so corners reflect twice, as numpy.pad does)
+        if top:
+            out[0, left:left + xb - xa] = out[2, left:left + xb - xa]
+        if yb < y1 + 1:
+            out[h - 1, left:left + xb - xa] = out[h - 3, left:left + xb - xa]
+        if left:
+            out[:h, 0] = out[:h, 2]
+        if xb < x1 + 1:
+            out[:h, w - 1] = out[:h, w - 3]
+        return out[:h, :w]
 
 
 def gather(blocks: np.ndarray, k: np.ndarray, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,6 +185,15 @@ def gather_neighbours(blocks: np.ndarray, k: np.ndarray, i: np.ndarray, j: np.nd
 def gather_centres(blocks: np.ndarray, k: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """The ``(n, 1, P, Q)`` half of :func:`gather`."""
     return blocks[k, i + 1, j + 1][:, None]
+
+
+def flat_index(k: np.ndarray, i: np.ndarray, j: np.ndarray, slot: tuple[int, int]) -> np.ndarray:
+    """``(n, 9)`` indices of the 8 neighbours (in :data:`OFFSETS` order) and the centre of positions
+    ``(i, j)`` of blocks ``k``, into blocks of ``slot = (ty + 2, tx + 2)`` positions flattened to one
+    list of patterns: the neighbour gather becomes one indexing op wherever the patterns are (the GPU)."""
+    ii = i[:, None] + 1 + NINE[None, :, 0]
+    jj = j[:, None] + 1 + NINE[None, :, 1]
+    return (k[:, None] * slot[0] + ii) * slot[1] + jj
 
 
 def tile_positions(grid: Grid, t: int, borders: Borders) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from . import progress
 from .config import Config
-from .dataset import NeighbourPatches
+from .dataset import NeighbourPatches, split_group
 from .distributed import Ranks
 from .module import Denoiser
 
@@ -41,11 +42,33 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def loader(dataset: NeighbourPatches, config: Config) -> DataLoader:
+class Batches:
+    """The training batches as Lightning sees them: each tile group from the DataLoader is copied to the
+    device once (pinned, non-blocking) and split there (:func:`stemdist.dataset.split_group`)."""
+
+    def __init__(self, groups: DataLoader, n_batches: int, device: Callable[[], torch.device] | None = None):
+        self.groups, self.n_batches = groups, n_batches
+        self.dataset = groups.dataset
+        self.device = device or (lambda: torch.device("cpu"))
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for group in self.groups:
+            device = self.device()
+            yield from split_group(tuple(t.to(device, non_blocking=True) for t in group))
+
+
+def loader(dataset: NeighbourPatches, config: Config,
+           device: Callable[[], torch.device] | None = None) -> Batches:
+    """The sharded dataset's groups through a DataLoader (workers, pinned memory), split into batches on
+    ``device()`` (asked at each group: the module's device once Lightning has placed it)."""
     workers = config.data.num_workers
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=use_cuda(config),
-                      persistent_workers=workers > 0, worker_init_fn=_worker_init if workers else None,
-                      prefetch_factor=config.data.prefetch_factor if workers else None)
+    groups = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=use_cuda(config),
+                        persistent_workers=workers > 0, worker_init_fn=_worker_init if workers else None,
+                        prefetch_factor=config.data.prefetch_factor if workers else None)
+    return Batches(groups, len(dataset), device)
 
 
 class LossLog(Callback):
@@ -138,5 +161,6 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, run_dir: Path, c
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*IterableDataset.*__len__.*")
-        trainer(config, ranks, run_dir, cycle).fit(
-            module, train_dataloaders=loader(dataset, config), ckpt_path=str(ckpt) if ckpt.exists() else None)
+        batches = loader(dataset, config, lambda: module.device)
+        trainer(config, ranks, run_dir, cycle).fit(module, train_dataloaders=batches,
+                                                   ckpt_path=str(ckpt) if ckpt.exists() else None)

@@ -83,7 +83,7 @@ def test_dataset_batches_are_the_naive_samples(tmp_path, borders, target):
     plan = ds.plan(0)
     counts: dict = {}
     n_batches = 0
-    for x, y in ds:
+    for x, y in ds.batches():
         n_batches += 1
         assert x.shape == (4, 8, 6, 5) and y.shape == (4, 1, 6, 5) and x.dtype == torch.float32
         for nb, ce in zip(x.numpy(), y.numpy(), strict=True):
@@ -105,7 +105,7 @@ def test_epochs_differ_and_are_reproducible(tmp_path):
     def first_batch(epoch, seed=0):
         ds = NeighbourPatches(cubes["raw"][0], batch_size=8, seed=seed, cycle=1)
         ds.set_epoch(epoch)
-        return next(iter(ds))[1]
+        return next(ds.batches())[1]
 
     assert torch.equal(first_batch(0), first_batch(0))
     assert not torch.equal(first_batch(0), first_batch(1))

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from stemdist import storage
 from stemdist.dataset import NeighbourPatches, epoch_order, plan_shards
 from stemdist.tiles import Grid, tile_positions
+from stemdist.training import Batches
 
 
 def positions_of(grid, shard_segments, borders):
@@ -59,7 +60,7 @@ def test_real_loaders_over_ranks_and_workers_cover_each_position_once(tmp_path):
         ds = NeighbourPatches(str(tmp_path / "raw.zarr"), batch_size=4, num_workers=2, rank=rank, world_size=2)
         ds.set_epoch(3)
         n = 0
-        for _, y in DataLoader(ds, batch_size=None, num_workers=2):
+        for _, y in Batches(DataLoader(ds, batch_size=None, num_workers=2), len(ds)):
             n += 1
             seen.update(key[float(v)] for v in y[:, 0, 0, 0])
         batches.append(n)

@@ -2,15 +2,20 @@
 
 Contenders, same batch size, same cube, measured in turns in one run (one epoch per turn):
 
-- ``zarr tiles``: :class:`stemdist.dataset.NeighbourPatches` on the compressed Zarr store: whole-chunk
-  decodes, one-position halo reads, the cycle blend ``(1 - beta) raw + beta den`` computed on the fly,
-  shuffling within groups of tiles, vectorised gather into ready batches;
+- ``zarr tiles``: :class:`stemdist.dataset.NeighbourPatches` through a DataLoader, on the compressed
+  Zarr store: whole-chunk decodes, one-position halo reads, the cycle blend ``(1 - beta) raw + beta den``
+  computed on the fly, shuffling within groups of tiles, and its collation: each group's patterns once
+  plus the index of every batch's neighbours and centres. That is what is copied to the GPU, where
+  :func:`stemdist.dataset.split_group` builds the ``(B, 8, P, Q)`` stacks by indexing;
+- ``zarr tiles + CPU split``: the same, also split into ``(B, 8, P, Q)`` batches on the CPU (what a
+  CPU-only run pays; on a GPU the split runs there at memory bandwidth, and it is 9x less to copy);
 - ``in-memory reference``: the whole blended cube in RAM as float32 (as the reference script holds it),
   a map-style dataset doing numpy fancy indexing of the 8 neighbours and the centre one sample at a
-  time, shuffled, batched by the default collate function.
+  time, shuffled, batched by the default collate function: 9 patterns per sample cross to the GPU.
 
-Both at two cube sizes at least 4x apart: a loader whose per-batch cost grows with the cube does not
-scale. Headline: samples/s of the Zarr loader over the reference's on the larger cube (goal >= 2).
+All single-threaded (one codec thread, one torch thread, no workers unless ``--workers``), at two cube
+sizes at least 4x apart: a loader whose per-batch cost grows with the cube does not scale. Headline:
+samples/s of the Zarr loader over the reference's on the larger cube (goal >= 2).
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..dataset import NeighbourPatches
 from ..tiles import OFFSETS
+from ..training import Batches
 from . import common
 
 GOAL = 2.0
+ZARR, SPLIT, REF = "zarr tiles", "zarr tiles + CPU split", "in-memory reference"
 
 
 class InMemoryReference(Dataset):
@@ -61,11 +68,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=5, help="timed epochs per contender and cube")
 
 
-def _epoch(loader: DataLoader) -> int:
+def _epoch(loader) -> int:
     n = 0
     for x, _ in loader:
         n += len(x)
     return n
+
+
+def _groups(loader: DataLoader) -> int:
+    n = 0
+    for _, index, _ in loader:
+        n += index.shape[0] * index.shape[1]
+    return n
+
+
+def _shipped(ds: NeighbourPatches) -> float:
+    """Patterns copied to the device per sample by the Zarr loader (the reference copies 9)."""
+    patterns = samples = 0
+    for p, index, t in ds:
+        patterns += len(p) + len(t.reshape(-1, *p.shape[1:])) if t.numel() else len(p)
+        samples += index.shape[0] * index.shape[1]
+    return patterns / samples
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
         args.scans, args.det, args.tile, args.reps = [8, 16], 16, 4, 2
     if args.scans[1] ** 2 < 4 * args.scans[0] ** 2:
         raise SystemExit("bench loader: the two cubes must be at least 4x apart in positions")
-    torch.set_num_threads(1)  # both loaders are single-threaded in a loader worker
+    single_threaded()
     B = args.batch_size
-    rows, per_batch, rate = [], {}, {}
+    rows, per_batch, rate, shipped = [], {}, {}, {}
     with common.workdir(args.workdir, "stemdist-bench-loader-") as root:
         for n in args.scans:
             path = common.synth_cube(root, (n, n), (args.det, args.det), tile=args.tile, seed=args.seed)
@@ -84,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
                                     seed=args.seed)
             zloader = DataLoader(ours, batch_size=None, num_workers=args.workers,
                                  persistent_workers=args.workers > 0)
+            split = Batches(zloader, len(ours))
+            shipped[n] = _shipped(ours)
             # the reference: the blend of the whole cube in memory, float32
             cube = (1 - args.beta) * np.asarray(zarr.open_array(raw, mode="r")[...], dtype=np.float32)
             cube += args.beta * np.asarray(zarr.open_array(den, mode="r")[...], dtype=np.float32)
@@ -91,27 +116,39 @@ def run(args: argparse.Namespace) -> int:
             g = torch.Generator().manual_seed(args.seed)
             rloader = DataLoader(ref, batch_size=B, shuffle=True, num_workers=args.workers, generator=g,
                                  drop_last=False, persistent_workers=args.workers > 0)
-            samples = {"zarr tiles": len(ours) * B, "in-memory reference": len(ref)}
-            times = common.interleaved({"zarr tiles": lambda z=zloader: _epoch(z),
-                                        "in-memory reference": lambda r=rloader: _epoch(r)}, args.reps)
+            samples = {ZARR: len(ours) * B, SPLIT: len(ours) * B, REF: len(ref)}
+            times = common.interleaved({ZARR: lambda z=zloader: _groups(z), SPLIT: lambda z=split: _epoch(z),
+                                        REF: lambda r=rloader: _epoch(r)}, args.reps)
             for name, ts in times.items():
                 batches = -(-samples[name] // B)
                 per_batch[n, name] = [1e3 * t / batches for t in ts]
                 rate[n, name] = samples[name] / common.median(ts)
                 rows.append([f"{n}x{n}x{args.det}x{args.det}", name, samples[name], batches,
                              common.spread(per_batch[n, name]), common.fmt_rate(rate[n, name])])
-            del cube, ref, rloader, zloader
+            del cube, ref, rloader, zloader, split
     print(f"loader benchmark: batch {B}, blend beta {args.beta}, tile {args.tile}, {args.workers} worker(s), "
           f"{args.reps} epochs per contender in turns; ms/batch as median (min-max)")
     print(common.table(["cube", "loader", "samples/epoch", "batches", "ms/batch", "samples/s"], rows))
     small, large = args.scans
-    for name in ("zarr tiles", "in-memory reference"):
+    for name in (ZARR, SPLIT, REF):
         growth = common.median(per_batch[large, name]) / common.median(per_batch[small, name])
         print(f"per-batch cost {large}x{large} / {small}x{small} ({(large / small) ** 2:g}x the positions), "
               f"{name}: {growth:.2f}x")
-    small_ratio = rate[small, "zarr tiles"] / rate[small, "in-memory reference"]
-    ratio = rate[large, "zarr tiles"] / rate[large, "in-memory reference"]
+    print(f"patterns copied to the device per sample: zarr tiles {shipped[large]:.2f}, in-memory reference 9")
+    cpu = rate[large, SPLIT] / rate[large, REF]
+    print(f"samples/s zarr tiles + CPU split / in-memory reference: {cpu:.2f}x at {large}x{large}")
+    small_ratio = rate[small, ZARR] / rate[small, REF]
+    ratio = rate[large, ZARR] / rate[large, REF]
     print(f"samples/s zarr tiles / in-memory reference: {small_ratio:.2f}x at {small}x{small}, "
           f"{ratio:.2f}x at {large}x{large}")
     print(f"loader ratio {ratio:.2f} (goal >= {GOAL:g})")
     return 0
+
+
+def single_threaded() -> None:
+    """One thread for torch, Blosc and Zarr's codec pool: both loaders get one core, as in a worker."""
+    import numcodecs.blosc
+
+    torch.set_num_threads(1)
+    numcodecs.blosc.set_nthreads(1)
+    zarr.config.set({"threading.max_workers": 1})

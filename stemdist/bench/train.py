@@ -98,7 +98,7 @@ def _one(path, workers: int, args, root) -> dict:
                           borders=c.data.borders, target=c.train.target, shuffle_tiles=c.data.shuffle_tiles,
                           cache_chunks=c.data.cache_chunks, num_workers=c.data.num_workers, seed=c.train.seed,
                           cycle=2)
-    timed = TimedLoader(loader(ds, conf))
+    timed = TimedLoader(loader(ds, conf, lambda: module.device))  # split on the device, as in a run
     run_dir = root / f"run-w{workers}"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
