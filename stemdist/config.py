@@ -22,7 +22,7 @@ class DataConfig:
     shuffle_tiles: int = 8  # tiles mixed in the per-worker shuffle buffer
     num_workers: int = 2  # loader worker processes per device
     cache_chunks: int = 24  # decoded chunks cached per worker (halo reads touch neighbour chunks)
-    prefetch_factor: int = 4  # batches prefetched per worker
+    prefetch_factor: int = 2  # tile groups (each many batches) prefetched per worker
 
 
 @dataclass
@@ -65,6 +65,8 @@ class OutputConfig:
     keep_cycles: Literal["all", "last"] = "all"
     final: Literal["last", "mean"] = "last"  # final cube: last cycle, or mean of all cycles
     calibrate: bool = False  # scale the final cube per detector pixel so its mean pattern is the raw one
+    fuse: bool = True  # fuse the final cube with the raw counts over the scan (stemdist.fusion)
+    fuse_sigma: float | None = None  # its scan sigma in probe positions; null: chosen by SURE from the data
     progress: bool = True
 
 
@@ -113,6 +115,9 @@ class Config:
             raise ConfigError(f"train.lr must be > 0, got {self.train.lr}")
         if self.output.final == "mean" and self.output.keep_cycles != "all":
             raise ConfigError("output.final: mean averages every cycle, so it needs output.keep_cycles: all")
+        if self.output.fuse_sigma is not None and not 0 <= self.output.fuse_sigma <= 16:
+            raise ConfigError(f"output.fuse_sigma must be in [0, 16] probe positions or null, "
+                              f"got {self.output.fuse_sigma}")
         for key in ("mean_weight", "sum_weight"):
             if getattr(self.train, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self.train, key)}")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import zarr
 
-from . import distributed, progress, storage
+from . import distributed, fusion, progress, storage
 from .config import Config, ConfigError, apply, load
 from .errors import InputError
 from .figures import bright_field_mask, cycle_figure, denoised_figure, virtual_bf, virtual_bf_lazy
@@ -271,6 +271,14 @@ def finish(paths: RunPaths, config: Config, raw: zarr.Array, reference: str | Pa
         gain = detector_gain(raw, stack)
         stack = stack * gain.astype(np.float32)
         attrs["gain_range"] = [float(gain.min()), float(gain.max())]
+    if config.output.fuse:
+        sigma = config.output.fuse_sigma
+        how = "set by output.fuse_sigma"
+        if sigma is None:
+            sigma, how = fusion.sure_sigma(np.load(paths.raw_bf)), "chosen by SURE on the raw bright-field image"
+        stack = fusion.fuse(da.from_zarr(raw), stack, sigma)
+        attrs["fuse_sigma"] = sigma
+        log.info("final cube: fused with the raw counts over the scan, sigma %.2f positions (%s)", sigma, how)
     final = storage.create_cube(group, "final", tuple(raw.shape), tile, overwrite=True, attrs=attrs)
     da.store(stack.astype("float32").rechunk(final.chunks), final, lock=False)
     storage.mark_complete(final)
