@@ -22,7 +22,7 @@ class DataConfig:
     shuffle_tiles: int = 8  # tiles mixed in the per-worker shuffle buffer
     num_workers: int = 2  # loader worker processes per device
     cache_chunks: int = 24  # decoded chunks cached per worker (halo reads touch neighbour chunks)
-    prefetch_factor: int = 2  # tile groups (each many batches) prefetched per worker
+    prefetch_factor: int = 1  # tile groups (each many batches) prefetched per worker
 
 
 @dataclass

@@ -20,7 +20,7 @@ from .config import Config, ConfigError, apply, load
 from .errors import InputError
 from .figures import bright_field_mask, cycle_figure, denoised_figure, virtual_bf, virtual_bf_lazy
 from .formats import open_source
-from .inference import infer
+from .inference import infer, owned_tiles
 from .module import Denoiser
 from .progress import bar
 from .report import run_figures
@@ -242,6 +242,9 @@ def run(input_path: str | Path, out: str | Path, config: Config, *, dataset: str
                 shutil.rmtree(paths.cycle(c - 1), ignore_errors=True)
             log.info("cycle %d of %d complete in %.1f s", c, C, time.perf_counter() - t0)
         distributed.barrier()
+    gain, sigma = distributed.run_on_main(lambda: plan_final(paths, config, raw), ranks)
+    write_final(paths, config, raw, gain, sigma, ranks)
+    distributed.barrier()
     if ranks.is_main:
         finish(paths, config, raw, reference)
     distributed.barrier()
@@ -257,30 +260,53 @@ def detector_gain(raw: zarr.Array, estimate: da.Array) -> np.ndarray:
     return np.where(est_mean > 1e-12, raw_mean / np.maximum(est_mean, 1e-12), 1.0)
 
 
-def finish(paths: RunPaths, config: Config, raw: zarr.Array, reference: str | Path | None) -> None:
-    """Rank 0: the final cube, the weights and the figure."""
+def _estimate(paths: RunPaths, config: Config) -> da.Array:
+    """The final estimate before calibration and fusion: the last cycle, or the mean of the cycles."""
     C = config.train.cycles
-    group = zarr.open_group(str(paths.denoised), mode="a")
-    tile = zarr.open_array(str(paths.cycle(C)), mode="r").chunks[0]
     if config.output.final == "mean":
-        stack = da.stack([da.from_zarr(str(paths.cycle(c))) for c in range(1, C + 1)]).mean(axis=0)
-    else:
-        stack = da.from_zarr(str(paths.cycle(C)))
+        return da.stack([da.from_zarr(str(paths.cycle(c))) for c in range(1, C + 1)]).mean(axis=0)
+    return da.from_zarr(str(paths.cycle(C)))
+
+
+def plan_final(paths: RunPaths, config: Config, raw: zarr.Array) -> tuple[np.ndarray | None, float]:
+    """Rank 0: the calibration gain (or None) and the fusion's sigma; creates the (empty) final array."""
+    C = config.train.cycles
+    stack = _estimate(paths, config)
     attrs = {"estimate": config.output.final, "cycles": C, "calibrated": config.output.calibrate}
+    gain = None
     if config.output.calibrate:
-        gain = detector_gain(raw, stack)
-        stack = stack * gain.astype(np.float32)
+        gain = detector_gain(raw, stack).astype(np.float32)
         attrs["gain_range"] = [float(gain.min()), float(gain.max())]
+    sigma = 0.0
     if config.output.fuse:
         sigma = config.output.fuse_sigma
         how = "set by output.fuse_sigma"
         if sigma is None:
             sigma, how = fusion.sure_sigma(np.load(paths.raw_bf)), "chosen by SURE on the raw bright-field image"
-        stack = fusion.fuse(da.from_zarr(raw), stack, sigma)
         attrs["fuse_sigma"] = sigma
         log.info("final cube: fused with the raw counts over the scan, sigma %.2f positions (%s)", sigma, how)
-    final = storage.create_cube(group, "final", tuple(raw.shape), tile, overwrite=True, attrs=attrs)
-    da.store(stack.astype("float32").rechunk(final.chunks), final, lock=False)
+    tile = zarr.open_array(str(paths.cycle(C)), mode="r").chunks[0]
+    storage.create_cube(str(paths.denoised), "final", tuple(raw.shape), tile, overwrite=True, attrs=attrs)
+    return gain, float(sigma)
+
+
+def write_final(paths: RunPaths, config: Config, raw: zarr.Array, gain: np.ndarray | None, sigma: float,
+                ranks: distributed.Ranks) -> None:
+    """Every rank: its own whole chunks of the final cube (calibrated, fused), as in inference."""
+    stack = _estimate(paths, config)
+    if gain is not None:
+        stack = stack * gain
+    final = zarr.open_array(str(paths.final), mode="r+")
+    n = -(-final.shape[0] // final.chunks[0]) * -(-final.shape[1] // final.chunks[1])
+    mine = owned_tiles(n, ranks.rank, ranks.world_size)
+    with bar("final cube", len(mine), ranks.is_main) as advance:
+        fusion.fuse_into(final, raw, stack, sigma, chunks=mine, progress=advance)
+
+
+def finish(paths: RunPaths, config: Config, raw: zarr.Array, reference: str | Path | None) -> None:
+    """Rank 0, once every rank wrote its part of the final cube: the weights and the figures."""
+    C = config.train.cycles
+    final = zarr.open_array(str(paths.final), mode="r+")
     storage.mark_complete(final)
     shutil.copyfile(paths.cycle_weights(C), paths.weights)
     ref = None

@@ -45,7 +45,7 @@ def test_sure_sigma_refuses_bad_images(bad):
 
 @pytest.mark.parametrize("shape,tile,sigma", [((24, 20, 5, 6), 7, 2.0), ((9, 13, 4, 4), 3, 1.25),
                                               ((5, 6, 3, 3), 2, 4.0)])
-def test_fuse_out_of_core_equals_in_memory(tmp_path, shape, tile, sigma):
+def test_fuse_chunk_by_chunk_equals_fusing_the_whole_cube(tmp_path, shape, tile, sigma):
     rng = np.random.default_rng(2)
     truth = rng.uniform(1, 5, shape)
     raw_np = rng.poisson(truth).astype(np.uint16)
@@ -54,9 +54,11 @@ def test_fuse_out_of_core_equals_in_memory(tmp_path, shape, tile, sigma):
     raw[...] = raw_np
     den = storage.create_cube(tmp_path / "den.zarr", None, shape, tile, "float32")
     den[...] = den_np
-    lazy = fusion.fuse(da.from_zarr(raw), da.from_zarr(den), sigma)
     whole = fusion.fuse_block(raw_np, den_np, sigma)
-    np.testing.assert_allclose(lazy.compute(), whole, rtol=1e-5, atol=1e-5)
+    for name, source in (("zarr", den), ("dask", da.from_zarr(den) * 1.0)):  # a cycle, or a mean of cycles
+        out = storage.create_cube(tmp_path / f"out_{name}.zarr", None, shape, tile, "float32")
+        fusion.fuse_into(out, raw, source, sigma, threads=2)
+        np.testing.assert_allclose(out[...], whole, rtol=1e-5, atol=1e-5)
     assert np.array_equal(zarr.open_array(str(tmp_path / "raw.zarr"), mode="r")[...], raw_np)  # untouched
 
 
@@ -78,6 +80,17 @@ def test_fuse_removes_a_network_bias_and_keeps_detail():
     np.testing.assert_array_equal(fusion.fuse_block(raw, den, 0.0), den)  # sigma 0: the network's cube
 
 
-def test_fuse_refuses_mismatched_cubes():
+def test_fuse_refuses_mismatched_cubes(tmp_path):
+    out = storage.create_cube(tmp_path / "out.zarr", None, (4, 4, 2, 2), 2, "float32")
     with pytest.raises(ValueError, match="differ in shape"):
-        fusion.fuse(da.zeros((4, 4, 2, 2)), da.zeros((4, 5, 2, 2)), 1.0)
+        fusion.fuse_into(out, np.zeros((4, 4, 2, 2)), np.zeros((4, 5, 2, 2)), 1.0)
+
+
+def test_fuse_block_leaves_its_inputs_alone():
+    rng = np.random.default_rng(4)
+    raw = rng.poisson(2.0, (6, 6, 3, 3)).astype(np.float32)
+    den = np.full((6, 6, 3, 3), 2.0, np.float32)
+    raw0, den0 = raw.copy(), den.copy()
+    fusion.fuse_block(raw, den, 1.5)
+    np.testing.assert_array_equal(raw, raw0)
+    np.testing.assert_array_equal(den, den0)
