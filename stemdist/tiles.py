@@ -167,26 +167,6 @@ class BlockReader:
         return out[:h, :w]
 
 
-def gather(blocks: np.ndarray, k: np.ndarray, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Neighbours ``(n, 8, P, Q)`` and centres ``(n, 1, P, Q)`` of positions ``(i, j)`` of blocks ``k``.
-
-    ``blocks`` is ``(K, ty + 2, tx + 2, P, Q)`` (tiles with halo); ``i, j`` index the tile (no halo).
-    """
-    return gather_neighbours(blocks, k, i, j), gather_centres(blocks, k, i, j)
-
-
-def gather_neighbours(blocks: np.ndarray, k: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """The ``(n, 8, P, Q)`` half of :func:`gather` (the costly one: skip it where only centres are needed)."""
-    ii = i[:, None] + 1 + OFFSETS[None, :, 0]
-    jj = j[:, None] + 1 + OFFSETS[None, :, 1]
-    return blocks[k[:, None], ii, jj]
-
-
-def gather_centres(blocks: np.ndarray, k: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """The ``(n, 1, P, Q)`` half of :func:`gather`."""
-    return blocks[k, i + 1, j + 1][:, None]
-
-
 def flat_index(k: np.ndarray, i: np.ndarray, j: np.ndarray, slot: tuple[int, int]) -> np.ndarray:
     """``(n, 9)`` indices of the 8 neighbours (in :data:`OFFSETS` order) and the centre of positions
     ``(i, j)`` of blocks ``k``, into blocks of ``slot = (ty + 2, tx + 2)`` positions flattened to one

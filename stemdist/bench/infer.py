@@ -25,7 +25,7 @@ from .. import storage
 from ..config import ModelConfig, TrainConfig
 from ..inference import infer
 from ..module import Denoiser
-from ..tiles import BlockReader, Grid, gather_neighbours, tile_positions
+from ..tiles import BlockReader, Grid, flat_index, tile_positions
 from . import common
 
 GOAL = 0.8
@@ -67,11 +67,13 @@ def run(args: argparse.Namespace) -> int:
         reader = BlockReader(raw, den, args.beta, grid=grid)
         batches = []
         for t in range(grid.n_tiles):
-            block = reader.block(t)[None]
+            block = reader.block(t)
+            patterns = block.reshape(-1, *block.shape[2:])
             ii, jj = tile_positions(grid, t, "reflect")
             for s in range(0, len(ii), B):
                 i, j = ii[s:s + B], jj[s:s + B]
-                batches.append(torch.from_numpy(gather_neighbours(block, np.zeros(len(i), np.int64), i, j)))
+                index = flat_index(np.zeros(len(i), np.int64), i, j, block.shape[:2])[:, :8]
+                batches.append(torch.from_numpy(patterns[index]))
         n = sum(len(x) for x in batches)
         single = torch.cat(batches)[:args.ref_patterns].split(1)
 
