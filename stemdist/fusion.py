@@ -37,8 +37,17 @@ def _self_weights(n: int, sigma: float) -> np.ndarray:
     gives the position itself: larger near the ends, where the reflection folds the kernel back."""
     if sigma == 0:
         return np.ones(n)
-    eye = np.eye(n)
-    return np.diagonal(ndimage.gaussian_filter1d(eye, sigma, axis=0, truncate=TRUNCATE, mode="reflect")).copy()
+    r = int(TRUNCATE * sigma + 0.5)  # SciPy's kernel radius
+    delta = np.zeros(2 * r + 1)
+    delta[r] = 1.0
+    kernel = ndimage.gaussian_filter1d(delta, sigma, truncate=TRUNCATE, mode="constant")
+    i = np.arange(n)
+    out = np.zeros(n)
+    for k in range(-r, r + 1):  # position i + k, reflected as SciPy does (d c b a | a b c d | d c b a)
+        j = (i + k) % (2 * n)
+        j = np.where(j >= n, 2 * n - 1 - j, j)
+        out += np.where(j == i, kernel[r + k], 0.0)
+    return out
 
 
 def sure_risk(counts: np.ndarray, sigma: float) -> float:

@@ -94,3 +94,9 @@ def test_fuse_block_leaves_its_inputs_alone():
     fusion.fuse_block(raw, den, 1.5)
     np.testing.assert_array_equal(raw, raw0)
     np.testing.assert_array_equal(den, den0)
+
+
+@pytest.mark.parametrize("n,sigma", [(3, 4.0), (7, 1.25), (40, 2.0), (5, 0.25)])
+def test_self_weights_are_the_smoothing_matrix_diagonal(n, sigma):
+    matrix = ndimage.gaussian_filter1d(np.eye(n), sigma, axis=0, truncate=fusion.TRUNCATE, mode="reflect")
+    np.testing.assert_allclose(fusion._self_weights(n, sigma), np.diagonal(matrix), atol=1e-12)
