@@ -6,19 +6,21 @@ from pathlib import Path
 from typing import Any
 
 from . import config as cfg
-from .cycles import RunPaths, run
+from .layout import RunPaths
 
 
 def run_denoise(input_path: str | Path, out: str | Path, config: cfg.Config, *, dataset: str | None = None,
                 reference: str | Path | None = None, resume: bool = False, overrides: dict | None = None,
-                ranks=None, config_file: str | None = None) -> RunPaths:
+                ranks=None) -> RunPaths:
     """Check the reference cube up front, then run the cycles."""
     if reference is not None:
-        from .formats import open_source
-        from .storage import check_shape
+        from .io.checks import check_shape
+        from .io.formats import open_source
 
         ref, _ = open_source(reference)
         check_shape(ref.shape, str(reference))
+    from .run.pipeline import run
+
     return run(input_path, out, config, dataset=dataset, reference=reference, resume=resume,
                overrides=overrides, ranks=ranks)
 
@@ -30,10 +32,8 @@ def denoise(input: str | Path, out: str | Path, config: str | Path | None = None
     ``overrides`` are shortcuts (``cycles=2``, ``epochs=3``, ``batch_size``, ``accelerator``, ``devices``,
     ``num_nodes``) or whole sections (``train={"lr": 5e-4}``).
     """
-    from .cli import SHORTCUTS, merge, shortcut_overrides
-
-    sections = {k: v for k, v in overrides.items() if k not in SHORTCUTS}
-    updates = merge(sections, shortcut_overrides(overrides))
+    sections = {k: v for k, v in overrides.items() if k not in cfg.SHORTCUTS}
+    updates = cfg.merge(sections, cfg.shortcut_overrides(overrides))
     conf = cfg.load(config, updates)
     return run_denoise(input, out, conf, dataset=dataset, reference=reference, resume=resume, overrides=updates)
 
@@ -44,8 +44,8 @@ def demo(out: str | Path = "stemdist-demo", quiet: bool = False) -> dict[str, fl
 
     import zarr
 
-    from .metrics import relative_rmse
-    from .synth import synth
+    from .io.synth import synth
+    from .quality.metrics import relative_rmse
 
     out = Path(out)
     cube = out / "synthetic.zarr"

@@ -1,62 +1,71 @@
-"""The ``stemdist`` command line."""
+"""The ``stemdist`` command line: every subcommand is declared here, and imports its stage only when it runs.
+
+Errors the user can fix print one line and exit with status 2; ``--debug`` (or ``STEMDIST_DEBUG=1``)
+shows the traceback instead, for bug reports.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import logging
+import os
 import sys
 import time
-from typing import Any
 
-from . import config as cfg
 from .errors import StemdistError
 
-# Subcommands defined in their own modules (each has ``add_parser(subparsers)``).
-EXTRA_COMMANDS = (
-    "bench",
-    "predict",
-    "evaluate",
-    "info",
-)
-
-SHORTCUTS = {  # CLI flag / API keyword -> config key
-    "cycles": "train.cycles",
-    "epochs": "train.epochs",
-    "batch_size": "train.batch_size",
-    "accelerator": "hardware.accelerator",
-    "devices": "hardware.devices",
-    "num_nodes": "hardware.num_nodes",
-}
+SAMPLES = 8  # chunks `info` reads for its count statistics
 
 
-def shortcut_overrides(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for name, key in SHORTCUTS.items():
-        if values.get(name) is not None:
-            section, k = key.split(".")
-            out.setdefault(section, {})[k] = values[name]
-    return out
-
-
-def merge(*updates: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for u in updates:
-        for section, values in u.items():
-            out.setdefault(section, {}).update(values or {})
-    return out
-
-
+# ------------------------------------------------------------------------------------------ commands
 def cmd_convert(a: argparse.Namespace) -> int:
-    from .storage import convert
+    from .io.convert import convert
 
     arr = convert(a.input, a.output, dataset=a.dataset, tile=a.tile, overwrite=a.overwrite)
     print(f"wrote {a.output}: shape {arr.shape}, chunks {arr.chunks}, dtype {arr.dtype}")
     return 0
 
 
+def cmd_denoise(a: argparse.Namespace) -> int:
+    from . import config as cfg
+    from .run import ranks as rk
+
+    overrides = cfg.merge(cfg.parse_overrides(a.set or []), cfg.shortcut_overrides(vars(a)))
+    config = cfg.load(a.config, overrides)  # validated before any work
+    ranks = rk.detect()
+    if ranks.launcher == "none" and (config.hardware.devices > 1 or config.hardware.num_nodes > 1):
+        if config.hardware.num_nodes > 1:
+            raise cfg.ConfigError("hardware.num_nodes > 1: start the run on every node with torchrun or srun "
+                                  "(see launch/ and the README)")
+        return rk.relaunch(config.hardware.devices, a.argv)
+    from .api import run_denoise
+
+    t0 = time.perf_counter()
+    paths = run_denoise(a.input, a.out, config, dataset=a.dataset, reference=a.reference, resume=a.resume,
+                        overrides=overrides, ranks=ranks)
+    if ranks.is_main and not a.quiet:
+        from .run.summary import print_summary
+
+        print_summary(paths, time.perf_counter() - t0)
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from .run import ranks as rk
+
+    ranks = rk.detect()
+    if ranks.launcher == "none" and a.devices and a.devices > 1:
+        return rk.relaunch(a.devices, a.argv)
+    from .run.predict import predict
+
+    out = predict(a.weights, a.input, a.output, dataset=a.dataset, batch_size=a.batch_size,
+                  accelerator=a.accelerator, ranks=ranks)
+    if ranks.is_main and not a.quiet:
+        print(f"wrote {out}")
+    return 0
+
+
 def cmd_synth(a: argparse.Namespace) -> int:
-    from .synth import synth
+    from .io.synth import synth
 
     synth(a.output, tuple(a.scan), tuple(a.det), a.dose, seed=a.seed, tile=a.tile, overwrite=a.overwrite)
     print(f"wrote {a.output} (arrays: noisy, truth)")
@@ -64,35 +73,45 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from .exporters import export
+    from .io.export import export
 
     export(a.input, a.output, dataset=a.dataset, overwrite=a.overwrite)
     print(f"wrote {a.output}")
     return 0
 
 
-def _run_denoise(a: argparse.Namespace, argv: list[str]) -> int:
-    from . import distributed
-    from .api import run_denoise
+def cmd_info(a: argparse.Namespace) -> int:
+    import json
 
-    overrides = merge(cfg.parse_overrides(a.set or []), shortcut_overrides(vars(a)))
-    config = cfg.load(a.config, overrides)  # validated before any work
-    ranks = distributed.detect()
-    nproc = config.hardware.devices
-    if ranks.launcher == "none" and (nproc > 1 or config.hardware.num_nodes > 1):
-        if config.hardware.num_nodes > 1:
-            raise cfg.ConfigError("hardware.num_nodes > 1: start the run on every node with torchrun or srun "
-                                  "(see launch/ and the README)")
-        return distributed.relaunch(nproc, argv)
-    t0 = time.perf_counter()
-    if a.quiet:
-        logging.getLogger("stemdist.console").disabled = True
-    paths = run_denoise(a.input, a.out, config, dataset=a.dataset, reference=a.reference, resume=a.resume,
-                        overrides=overrides, ranks=ranks, config_file=a.config)
-    if ranks.is_main and not a.quiet:
-        from .summary import print_summary
+    from .io.info import describe, format_info
 
-        print_summary(paths, time.perf_counter() - t0)
+    info = describe(a.path, dataset=a.dataset, samples=a.samples)
+    print(json.dumps(info, indent=2, default=str) if a.json else format_info(info))
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .console import dask_bar
+    from .layout import RunPaths
+    from .quality.evaluate import evaluate, table
+
+    with dask_bar("evaluate"):
+        result = evaluate(a.run_dir, a.truth, a.reference, with_baselines=a.baselines,
+                          truth_dataset=a.truth_dataset, truth_scale=a.truth_scale,
+                          reference_dataset=a.reference_dataset, sigma=a.sigma, pca_rank=a.pca_rank,
+                          center=tuple(a.center) if a.center else None, bf_radius=a.bf_radius,
+                          adf_inner=a.adf_inner, adf_outer=a.adf_outer, threshold=a.threshold)
+    if not a.quiet:
+        m = result["masks"]
+        print(f"masks: centre ({m['center'][0]:.1f}, {m['center'][1]:.1f}), BF radius {m['bf_radius']:.1f} px, "
+              f"ADF {m['adf_inner']:.1f}-{m['adf_outer']:.1f} px")
+        if result["methods"] is None:
+            print("no truth or reference: figures only (give --truth or --reference for metrics)")
+        else:
+            print(f"against the {result['against']} ({result['truth']['path']}), data range L = "
+                  f"{result['data_range']:.4g}")
+            print(table(result["methods"]))
+        print(f"wrote {RunPaths(a.run_dir).metrics} and {len(result.get('figures', []))} figures")
     return 0
 
 
@@ -103,27 +122,22 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stemdist", description="Self-supervised denoising of 4D-STEM cubes.")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summaries")
-    sub = p.add_subparsers(dest="command", required=True)
-    add = sub.add_parser
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import main
 
-    def sub_add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
-        return add(name, parents=[common], **kw)
+    return main(a)
 
-    sub.add_parser = sub_add_parser  # every subcommand takes --quiet
 
-    s = sub.add_parser("convert", help="convert .npy/.npz/HDF5 (or Zarr) into a chunked Zarr cube")
+# ------------------------------------------------------------------------------------------- parsers
+def _convert(s: argparse.ArgumentParser) -> None:
     s.add_argument("input")
     s.add_argument("output")
     s.add_argument("--dataset", help="array/dataset name inside an .npz, HDF5 file or Zarr group")
-    s.add_argument("--tile", type=int, help="scan tile (chunk) edge; default: ~4 MB chunks")
+    s.add_argument("--tile", type=int, help="scan tile (chunk) edge; default: chunks of ~2 MB as float32")
     s.add_argument("--overwrite", action="store_true")
-    s.set_defaults(func=cmd_convert)
 
-    s = sub.add_parser("denoise", help="train and denoise a cube over refinement cycles")
+
+def _denoise(s: argparse.ArgumentParser) -> None:
     s.add_argument("input", help="Zarr cube, or any file `convert` reads")
     s.add_argument("--out", required=True, help="run directory (new, or existing with --resume)")
     s.add_argument("--config", help="YAML file or built-in name: default, reference, smoke")
@@ -137,9 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", help="array name inside the input file or Zarr group")
     s.add_argument("--reference", help="high-dose cube for the figure only (never used for training)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    s.set_defaults(func=None)
 
-    s = sub.add_parser("synth", help="write a synthetic cube with known truth (group: noisy, truth)")
+
+def _predict(s: argparse.ArgumentParser) -> None:
+    s.add_argument("weights", help="run directory or unet_denoiser.pt (with config.yaml beside it)")
+    s.add_argument("input", help="Zarr cube (array, or group with --dataset)")
+    s.add_argument("output", help="new Zarr array for the denoised cube")
+    s.add_argument("--dataset")
+    s.add_argument("--batch-size", type=int, dest="batch_size")
+    s.add_argument("--accelerator", choices=["cpu", "gpu", "auto"])
+    s.add_argument("--devices", type=int, help="processes on this node (several: distributed inference)")
+
+
+def _synth(s: argparse.ArgumentParser) -> None:
     s.add_argument("output")
     s.add_argument("--scan", type=int, nargs=2, default=[32, 32], metavar=("H", "W"))
     s.add_argument("--det", type=int, nargs=2, default=[32, 32], metavar=("P", "Q"))
@@ -147,23 +171,80 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--tile", type=int)
     s.add_argument("--overwrite", action="store_true")
-    s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("export", help="write a Zarr cube or a run's result to .npy, py4DSTEM .h5/.emd or "
-                       "HyperSpy .hspy (streamed)")
+
+def _export(s: argparse.ArgumentParser) -> None:
     s.add_argument("input", help="Zarr cube, or a run directory (its final denoised cube)")
-    s.add_argument("output", help="format by suffix: .npy, .h5/.hdf5/.emd (py4DSTEM DataCube), "
-                   ".hspy (HyperSpy)")
+    s.add_argument("output", help="format by suffix: .npy, .h5/.hdf5/.emd (py4DSTEM DataCube), .hspy (HyperSpy)")
     s.add_argument("--dataset", help="array in a Zarr group (for a run directory: default final)")
     s.add_argument("--overwrite", action="store_true")
-    s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("demo", help="denoise a synthetic cube with the smoke configuration")
-    s.add_argument("--out", default="stemdist-demo")
-    s.set_defaults(func=cmd_demo)
 
-    for name in EXTRA_COMMANDS:  # modules with add_parser(sub) that set args.func
-        importlib.import_module(f"stemdist.{name}").add_parser(sub)
+def _info(s: argparse.ArgumentParser) -> None:
+    s.add_argument("path", help="Zarr cube or group, input file (.mib, .h5, ...), or run directory")
+    s.add_argument("--dataset", help="one array of a Zarr group / one dataset of an input file")
+    s.add_argument("--samples", type=int, default=SAMPLES,
+                   help=f"chunks read for the count statistics (default {SAMPLES})")
+    s.add_argument("--json", action="store_true", help="print the description as JSON")
+
+
+def _evaluate(s: argparse.ArgumentParser) -> None:
+    s.add_argument("run_dir", help="a denoise run directory")
+    s.add_argument("--truth", help="noise-free cube (expected counts) with the raw cube's shape")
+    s.add_argument("--truth-dataset", help="array name inside the truth file or Zarr group")
+    s.add_argument("--truth-scale", type=float, default=1.0,
+                   help="multiply the truth by this (e.g. the dose, for patterns normalised to sum 1)")
+    s.add_argument("--reference", help="high-dose acquisition, scaled to the raw cube's counts (lacking a truth)")
+    s.add_argument("--reference-dataset")
+    s.add_argument("--baselines", action="store_true",
+                   help="also score Gaussian smoothing over the scan, the 8-neighbour mean and PCA")
+    s.add_argument("--sigma", type=float, default=1.0, help="Gaussian baseline sigma, in probe positions")
+    s.add_argument("--pca-rank", type=int, default=8, help="PCA baseline rank")
+    s.add_argument("--center", type=float, nargs=2, metavar=("Y", "X"), help="disk centre, detector pixels")
+    s.add_argument("--bf-radius", type=float, help="bright-field disk radius, pixels (default: from the data)")
+    s.add_argument("--adf-inner", type=float, help="ADF inner radius (default 1.2 x BF radius)")
+    s.add_argument("--adf-outer", type=float, help="ADF outer radius (default 3 x BF radius)")
+    s.add_argument("--threshold", type=float, default=0.5,
+                   help="BF disk: pixels of the mean pattern above this fraction of its maximum")
+
+
+def _demo(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--out", default="stemdist-demo", help="the demo's own folder (replaced on every run)")
+
+
+def _bench(s: argparse.ArgumentParser) -> None:
+    from .bench import BENCHMARKS
+
+    s.description = "\n".join(f"{n}: {h}" for n, (_, h) in BENCHMARKS.items())
+    s.formatter_class = argparse.RawDescriptionHelpFormatter
+    s.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    s.add_argument("args", nargs=argparse.REMAINDER, help="its options (stemdist bench NAME --help)")
+
+
+COMMANDS = {  # name -> (arguments, handler, help): the one list of subcommands
+    "convert": (_convert, cmd_convert, "convert .npy/.npz/HDF5/detector files (or Zarr) into a chunked Zarr cube"),
+    "denoise": (_denoise, cmd_denoise, "train and denoise a cube over refinement cycles"),
+    "predict": (_predict, cmd_predict, "denoise a cube with trained weights (one inference pass)"),
+    "evaluate": (_evaluate, cmd_evaluate, "metrics and figures of a run against a truth or high-dose reference"),
+    "info": (_info, cmd_info, "shape, chunks, codec, size and dose of a cube, file or run directory"),
+    "export": (_export, cmd_export, "write a Zarr cube or a run's result to .npy, py4DSTEM .h5/.emd or "
+                                    "HyperSpy .hspy (streamed)"),
+    "synth": (_synth, cmd_synth, "write a synthetic cube with known truth (group: noisy, truth)"),
+    "demo": (_demo, cmd_demo, "denoise a synthetic cube with the smoke configuration"),
+    "bench": (_bench, cmd_bench, "benchmarks: quality, loader, infer, train, memory, gpu"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stemdist", description="Self-supervised denoising of 4D-STEM cubes.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars, log lines or summaries")
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error (STEMDIST_DEBUG=1)")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (arguments, handler, help_) in COMMANDS.items():
+        s = sub.add_parser(name, parents=[common], help=help_)
+        arguments(s)
+        s.set_defaults(func=handler)
     return p
 
 
@@ -183,22 +264,25 @@ def quiet_libraries(quiet: bool) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from . import progress
+    from . import console
 
-    progress.QUIET = args.quiet
+    console.QUIET = args.quiet
+    debug = args.debug or os.environ.get("STEMDIST_DEBUG", "") not in ("", "0")
     quiet_libraries(args.quiet)
     args.argv = argv  # for a self-launch under torchrun
     try:
-        if args.command == "denoise":
-            return _run_denoise(args, argv)
         return args.func(args)
     except StemdistError as exc:
-        from .distributed import detect
-
-        if detect().is_main:  # every rank meets the same error; one line is enough
+        if debug:
+            raise
+        if _is_main_rank():  # every rank meets the same error; one line is enough
             print(f"stemdist: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

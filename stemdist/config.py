@@ -1,197 +1,181 @@
-"""Run configuration: typed sections, YAML loading, ``key=value`` overrides and up-front validation."""
+"""Run configuration: pydantic sections, YAML loading, ``key=value`` overrides and up-front validation.
+
+Every key is optional (the defaults are ``configs/default.yaml``); an unknown key or a bad value stops
+the run before any work with a :class:`ConfigError` naming the key and what it accepts.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+CHUNK_BYTES = 2 * 2**20  # target size of one uncompressed scan chunk when data.tile is null (stated once)
 
 
-@dataclass
-class DataConfig:
-    tile: int | None = None  # scan tile (= Zarr chunk) edge; None: the input's chunks, or ~4 MB chunks
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    # scan tile edge: the one grid of training tiles, inference tiles and output chunks; None: the input's
+    # chunking when it holds whole patterns, else chunks of about CHUNK_BYTES
+    tile: int | None = Field(None, ge=1)
     borders: Literal["reflect", "copy"] = "reflect"  # reflect: every position is a sample; copy: reference
-    shuffle_tiles: int = 8  # tiles mixed in the per-worker shuffle buffer
-    num_workers: int = 2  # loader worker processes per device
-    cache_chunks: int = 24  # decoded chunks cached per worker (halo reads touch neighbour chunks)
-    prefetch_factor: int = 1  # tile groups (each many batches) prefetched per worker
+    shuffle_tiles: int = Field(8, ge=1)  # tiles mixed in the per-worker shuffle buffer
+    num_workers: int = Field(2, ge=0)  # loader worker processes per device
+    cache_chunks: int = Field(24, ge=1)  # decoded chunks cached per worker (halo reads touch neighbour chunks)
+    prefetch_factor: int = Field(1, ge=1)  # tile groups (each many batches) prefetched per worker
 
 
-@dataclass
-class ModelConfig:
-    base_width: int = 24
-    depth: int = 4
+class ModelConfig(Section):
+    base_width: int = Field(24, ge=1)
+    depth: int = Field(4, ge=1, le=8)
 
 
-@dataclass
-class TrainConfig:
-    cycles: int = 1  # reference: 10; one long cycle measured better (README, Quality)
-    epochs: int = 15
-    warmup_epochs: int = 4
-    batch_size: int = 32  # per device; the global batch is batch_size x world size
-    lr: float = 1e-3  # Adam learning rate, applied as is whatever the world size
-    mean_weight: float = 0.0  # reference: 0.02 (weight of the per-pattern mean MSE)
-    sum_weight: float = 0.0  # reference: 0.01 (weight of the per-pattern sum MSE)
+class TrainConfig(Section):
+    cycles: int = Field(1, ge=1)  # reference: 10; one long cycle measured better (README, Quality)
+    epochs: int = Field(15, ge=1)
+    warmup_epochs: int = Field(4, ge=0)
+    batch_size: int = Field(32, ge=1)  # per device; the global batch is batch_size x world size
+    lr: float = Field(1e-3, gt=0)  # Adam learning rate, applied as is whatever the world size
+    mean_weight: float = Field(0.0, ge=0)  # reference: 0.02 (weight of the per-pattern mean MSE)
+    sum_weight: float = Field(0.0, ge=0)  # reference: 0.01 (weight of the per-pattern sum MSE)
     target: Literal["mix", "raw"] = "mix"  # what the network learns to predict in each cycle
     seed: int = 0
 
 
-@dataclass
-class HardwareConfig:
+class HardwareConfig(Section):
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    devices: int = 1  # per node
-    num_nodes: int = 1
-    strategy: str = "auto"
+    devices: int = Field(1, ge=1)  # per node
+    num_nodes: int = Field(1, ge=1)
+    strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_true", "fsdp"] = "auto"
     precision: Literal["auto", "32", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     compile: bool = False
     channels_last: bool = True
 
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # YAML reads 32 as a number
 
-@dataclass
-class InferenceConfig:
-    batch_size: int = 64
+
+class InferenceConfig(Section):
+    batch_size: int = Field(64, ge=1)
 
 
-@dataclass
-class OutputConfig:
+class OutputConfig(Section):
     keep_cycles: Literal["all", "last"] = "all"
     final: Literal["last", "mean"] = "last"  # final cube: last cycle, or mean of all cycles
     calibrate: bool = False  # scale the final cube per detector pixel so its mean pattern is the raw one
-    fuse: bool = True  # fuse the final cube with the raw counts over the scan (stemdist.fusion)
-    fuse_sigma: float | None = None  # its scan sigma in probe positions; null: chosen by SURE from the data
-    progress: bool = True
+    fuse: bool = True  # fuse the final cube with the raw counts over the scan (stemdist.run.fusion)
+    fuse_sigma: float | None = Field(None, ge=0, le=16)  # scan sigma in probe positions; null: by SURE
 
 
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    hardware: HardwareConfig = field(default_factory=HardwareConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
+class Config(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    hardware: HardwareConfig = Field(default_factory=HardwareConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.output.final == "mean" and self.output.keep_cycles != "all":
+            raise ValueError("output.final: mean averages every cycle, so it needs output.keep_cycles: all")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
-    def validate(self) -> Config:
-        """Check values that types alone cannot; raise ConfigError naming the key."""
-        positive = {
-            "data.shuffle_tiles": self.data.shuffle_tiles,
-            "data.cache_chunks": self.data.cache_chunks,
-            "data.prefetch_factor": self.data.prefetch_factor,
-            "model.base_width": self.model.base_width,
-            "model.depth": self.model.depth,
-            "train.cycles": self.train.cycles,
-            "train.epochs": self.train.epochs,
-            "train.batch_size": self.train.batch_size,
-            "hardware.devices": self.hardware.devices,
-            "hardware.num_nodes": self.hardware.num_nodes,
-            "inference.batch_size": self.inference.batch_size,
-        }
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{key} must be >= 1, got {value}")
-        if self.data.tile is not None and self.data.tile < 1:
-            raise ConfigError(f"data.tile must be >= 1 or null, got {self.data.tile}")
-        if self.data.num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {self.data.num_workers}")
-        if self.model.depth > 8:
-            raise ConfigError(f"model.depth must be <= 8, got {self.model.depth}")
-        if not 0 <= self.train.warmup_epochs:
-            raise ConfigError(f"train.warmup_epochs must be >= 0, got {self.train.warmup_epochs}")
-        if not self.train.lr > 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.train.lr}")
-        if self.output.final == "mean" and self.output.keep_cycles != "all":
-            raise ConfigError("output.final: mean averages every cycle, so it needs output.keep_cycles: all")
-        if self.output.fuse_sigma is not None and not 0 <= self.output.fuse_sigma <= 16:
-            raise ConfigError(f"output.fuse_sigma must be in [0, 16] probe positions or null, "
-                              f"got {self.output.fuse_sigma}")
-        for key in ("mean_weight", "sum_weight"):
-            if getattr(self.train, key) < 0:
-                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self.train, key)}")
-        return self
+
+SECTIONS = tuple(Config.model_fields)
+RETIRED = {"output": ("progress",)}  # keys of earlier versions, ignored where they are given
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Convert ``value`` to type ``tp`` (from a dataclass annotation) or raise ConfigError."""
-    origin = get_origin(tp)
-    if origin is Literal:
-        allowed = get_args(tp)
-        if str(value) in [str(a) for a in allowed]:
-            return next(a for a in allowed if str(a) == str(value))
-        raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key} must be true or false; got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} must be an integer; got {value!r}")
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} must be an integer; got {value!r}") from None
-        if as_float != int(as_float):
-            raise ConfigError(f"{key} must be an integer; got {value!r}")
-        return int(as_float)
-    if tp is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} must be a number; got {value!r}") from None
-    if tp is str:
-        return str(value)
-    raise ConfigError(f"{key}: unsupported type {tp}")
+SHORTCUTS = {  # CLI flag / API keyword -> config key
+    "cycles": "train.cycles",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "accelerator": "hardware.accelerator",
+    "devices": "hardware.devices",
+    "num_nodes": "hardware.num_nodes",
+}
 
 
-def _section_types(section_cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(section_cls)
-    return {f.name: hints[f.name] for f in fields(section_cls)}
+def _message(err: dict, source: str) -> str:
+    """One line for one pydantic error, naming the key and what it accepts."""
+    loc = [str(p) for p in err["loc"]]
+    key, value, kind, ctx = ".".join(loc), err.get("input"), err["type"], err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        if len(loc) == 1:
+            return f"{source}: unknown section {loc[0]!r} (known: {', '.join(sorted(SECTIONS))})"
+        known = ", ".join(sorted(Config.model_fields[loc[0]].annotation.model_fields))
+        return f"{source}: unknown key {key} (known: {known})"
+    if kind == "literal_error":
+        allowed = ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
+        return f"{key} must be one of {allowed}; got {value!r}"
+    if kind == "model_type" or kind == "dict_type":
+        return f"{source}: section {key!r} must be a mapping of keys"
+    bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return f"{key} must be {bounds[kind]} {limit}, got {value}"
+    if kind.startswith("int_"):
+        return f"{key} must be an integer; got {value!r}"
+    if kind.startswith("float_"):
+        return f"{key} must be a number; got {value!r}"
+    if kind.startswith("bool_"):
+        return f"{key} must be true or false; got {value!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg}" if key else msg
+
+
+def _validated(data: dict[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_message(exc.errors()[0], source)) from None
+
+
+def merge(*updates: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Nested ``{section: {key: value}}`` updates merged left to right."""
+    out: dict[str, dict[str, Any]] = {}
+    for u in updates:
+        for section, values in u.items():
+            if values is not None and not isinstance(values, dict):
+                out[section] = values  # let validation name the problem
+                continue
+            out.setdefault(section, {}).update(values or {})
+    return out
 
 
 def apply(config: Config, updates: dict[str, Any], source: str = "config") -> Config:
-    """Return a copy of ``config`` with nested ``{section: {key: value}}`` updates applied."""
+    """A new, validated config: ``config`` with nested ``{section: {key: value}}`` updates applied."""
     if not isinstance(updates, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(updates).__name__}")
-    config = dataclasses.replace(config, **{f.name: dataclasses.replace(getattr(config, f.name))
-                                            for f in fields(Config)})
-    sections = {f.name for f in fields(Config)}
-    for section, values in updates.items():
-        if section not in sections:
-            raise ConfigError(f"{source}: unknown section {section!r} (known: {', '.join(sorted(sections))})")
-        if values is None:
-            continue
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section {section!r} must be a mapping of keys")
-        obj = getattr(config, section)
-        types = _section_types(type(obj))
-        for key, value in values.items():
-            if key not in types:
-                raise ConfigError(
-                    f"{source}: unknown key {section}.{key} (known: {', '.join(sorted(types))})")
-            setattr(obj, key, _coerce(f"{section}.{key}", value, types[key]))
-    return config
+    updates = {k: ({n: x for n, x in v.items() if n not in RETIRED.get(k, ())} if isinstance(v, dict) else v)
+               for k, v in updates.items()}
+    return _validated(merge(config.to_dict(), {k: v for k, v in updates.items() if v is not None}), source)
+
+
+def shortcut_overrides(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"epochs": 3}`` (CLI flags, API keywords) as ``{"train": {"epochs": 3}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, key in SHORTCUTS.items():
+        if values.get(name) is not None:
+            section, k = key.split(".")
+            out.setdefault(section, {})[k] = values[name]
+    return out
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
@@ -209,13 +193,15 @@ def parse_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
 def resolve_path(name_or_path: str | Path) -> Path:
     """A config file path, or the name of a built-in one (``default``, ``reference``, ``smoke``)."""
     path = Path(name_or_path)
-    if path.exists():
+    if path.is_file():
         return path
     builtin = CONFIG_DIR / f"{name_or_path}.yaml"
     if builtin.exists():
         return builtin
     known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
     raise ConfigError(f"config file {str(name_or_path)!r} not found (built-in configs: {known})")
+
+
 
 
 def load(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
@@ -230,4 +216,4 @@ def load(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | 
         config = apply(config, data, source=str(path))
     if overrides:
         config = apply(config, overrides, source="override")
-    return config.validate()
+    return config

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stemdist.synth import synth
+from stemdist.io.synth import synth
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMOKE = ["--config", "smoke", "--quiet"]

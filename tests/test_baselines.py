@@ -8,7 +8,7 @@ import pytest
 import zarr
 from scipy import ndimage
 
-from stemdist import baselines
+from stemdist.quality import baselines
 
 
 def _ramp(H=9, W=7, P=4, Q=3) -> np.ndarray:

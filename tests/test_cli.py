@@ -17,7 +17,7 @@ import pytest
 import zarr
 
 from stemdist.cli import main
-from stemdist.metrics import relative_rmse
+from stemdist.quality.metrics import relative_rmse
 
 from .conftest import SMOKE, run_cli
 
@@ -157,9 +157,9 @@ def test_bad_input_exit_status_from_a_real_process(tmp_path):
 
 
 def test_bad_zarr_input_values(tmp_path):
-    from stemdist import storage
+    from stemdist.io.zarr_store import create_cube
 
-    arr = storage.create_cube(tmp_path / "neg.zarr", None, (4, 4, 3, 3), 2, "float32")
+    arr = create_cube(tmp_path / "neg.zarr", None, (4, 4, 3, 3), 2, "float32")
     arr[...] = 1.0
     arr[3, 3, 2, 2] = -0.5
     proc = run_cli("denoise", str(tmp_path / "neg.zarr"), "--out", str(tmp_path / "run"), *SMOKE, check=False)

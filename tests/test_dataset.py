@@ -7,9 +7,9 @@ import pytest
 import torch
 import zarr
 
-from stemdist import storage
-from stemdist.dataset import NeighbourPatches
-from stemdist.tiles import OFFSETS, BlockReader, Grid, flat_index, tile_positions
+from stemdist.data.dataset import NeighbourPatches
+from stemdist.data.tiles import OFFSETS, BlockReader, Grid, flat_index, tile_positions
+from stemdist.io.zarr_store import create_cube
 
 
 def make_cubes(tmp_path, shape, tile, seed=0):
@@ -18,7 +18,7 @@ def make_cubes(tmp_path, shape, tile, seed=0):
     cubes = {}
     for name in ("raw", "den"):
         data = rng.random(shape, dtype=np.float32) * 5
-        arr = storage.create_cube(tmp_path / f"{name}.zarr", None, shape, tile, "float32")
+        arr = create_cube(tmp_path / f"{name}.zarr", None, shape, tile, "float32")
         arr[...] = data
         cubes[name] = (str(tmp_path / f"{name}.zarr"), data)
     return cubes

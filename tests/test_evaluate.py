@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from stemdist.evaluate import evaluate
+from stemdist.quality.evaluate import evaluate
 
 from .conftest import SMOKE, run_cli
 

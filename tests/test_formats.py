@@ -27,7 +27,7 @@ import pytest
 import zarr
 
 from stemdist.errors import InputError
-from stemdist.formats import AXES, axis_order, open_source
+from stemdist.io.formats import AXES, axis_order, open_source
 
 from .conftest import SHARED_DATA, SMOKE, run_cli
 

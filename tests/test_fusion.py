@@ -8,7 +8,8 @@ import pytest
 import zarr
 from scipy import ndimage
 
-from stemdist import fusion, storage
+from stemdist.io.zarr_store import create_cube
+from stemdist.run import fusion
 
 
 def smooth_image(n: int = 40, level: float = 80.0, contrast: float = 10.0) -> np.ndarray:
@@ -50,13 +51,13 @@ def test_fuse_chunk_by_chunk_equals_fusing_the_whole_cube(tmp_path, shape, tile,
     truth = rng.uniform(1, 5, shape)
     raw_np = rng.poisson(truth).astype(np.uint16)
     den_np = (0.8 * truth).astype(np.float32)
-    raw = storage.create_cube(tmp_path / "raw.zarr", None, shape, tile, "uint16")
+    raw = create_cube(tmp_path / "raw.zarr", None, shape, tile, "uint16")
     raw[...] = raw_np
-    den = storage.create_cube(tmp_path / "den.zarr", None, shape, tile, "float32")
+    den = create_cube(tmp_path / "den.zarr", None, shape, tile, "float32")
     den[...] = den_np
     whole = fusion.fuse_block(raw_np, den_np, sigma)
     for name, source in (("zarr", den), ("dask", da.from_zarr(den) * 1.0)):  # a cycle, or a mean of cycles
-        out = storage.create_cube(tmp_path / f"out_{name}.zarr", None, shape, tile, "float32")
+        out = create_cube(tmp_path / f"out_{name}.zarr", None, shape, tile, "float32")
         fusion.fuse_into(out, raw, source, sigma, threads=2)
         np.testing.assert_allclose(out[...], whole, rtol=1e-5, atol=1e-5)
     assert np.array_equal(zarr.open_array(str(tmp_path / "raw.zarr"), mode="r")[...], raw_np)  # untouched
@@ -81,7 +82,7 @@ def test_fuse_removes_a_network_bias_and_keeps_detail():
 
 
 def test_fuse_refuses_mismatched_cubes(tmp_path):
-    out = storage.create_cube(tmp_path / "out.zarr", None, (4, 4, 2, 2), 2, "float32")
+    out = create_cube(tmp_path / "out.zarr", None, (4, 4, 2, 2), 2, "float32")
     with pytest.raises(ValueError, match="differ in shape"):
         fusion.fuse_into(out, np.zeros((4, 4, 2, 2)), np.zeros((4, 5, 2, 2)), 1.0)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import zarr
 
-from stemdist.info import describe, sample_indices
-from stemdist.storage import create_cube
+from stemdist.io.info import describe, sample_indices
+from stemdist.io.zarr_store import create_cube
 
 from .conftest import SHARED_DATA, SMOKE, run_cli
 

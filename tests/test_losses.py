@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from stemdist.losses import poisson_loss, poisson_nll, warmup_loss, znorm
-from stemdist.model import UNet
+from stemdist.train.losses import poisson_loss, poisson_nll, warmup_loss, znorm
+from stemdist.train.model import UNet
 
 
 def test_poisson_nll_by_hand():

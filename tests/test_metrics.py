@@ -6,8 +6,8 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from stemdist import metrics
-from stemdist.synth import expected_patterns
+from stemdist.io.synth import expected_patterns
+from stemdist.quality import metrics
 
 
 def test_psnr_by_hand():

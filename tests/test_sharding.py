@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from stemdist import storage
-from stemdist.dataset import NeighbourPatches, epoch_order, plan_shards
-from stemdist.tiles import Grid, tile_positions
-from stemdist.training import Batches
+from stemdist.data.dataset import NeighbourPatches, epoch_order, plan_shards
+from stemdist.data.tiles import Grid, tile_positions
+from stemdist.io.zarr_store import create_cube
+from stemdist.train.trainer import Batches
 
 
 def positions_of(grid, shard_segments, borders):
@@ -53,7 +53,7 @@ def test_real_loaders_over_ranks_and_workers_cover_each_position_once(tmp_path):
     """Two simulated ranks, two loader worker processes each, through torch's DataLoader."""
     shape = (7, 10, 3, 3)
     data = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)  # centre pixel 0 identifies a position
-    storage.create_cube(tmp_path / "raw.zarr", None, shape, 3, "float32")[...] = data
+    create_cube(tmp_path / "raw.zarr", None, shape, 3, "float32")[...] = data
     key = {float(data[i, j, 0, 0]): (i, j) for i in range(7) for j in range(10)}
     batches, seen = [], Counter()
     for rank in range(2):

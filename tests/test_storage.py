@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import zarr
 
-from stemdist import storage
 from stemdist.errors import InputError
+from stemdist.io.convert import convert
+from stemdist.io.zarr_store import ChunkReader, create_cube, open_cube
 
 
 @pytest.fixture()
@@ -36,7 +37,7 @@ def write(tmp_path, kind, data):
 def test_convert_keeps_values_dtype_and_records_source(tmp_path, counts, kind):
     src, key = write(tmp_path, kind, counts)
     before = src.read_bytes()
-    out = storage.convert(src, tmp_path / "out.zarr", dataset=key, tile=4)
+    out = convert(src, tmp_path / "out.zarr", dataset=key, tile=4)
     assert out.dtype == np.uint16  # integer counts stay integer
     assert out.chunks == (4, 4, 10, 9)  # whole patterns per chunk, tiled over the scan
     np.testing.assert_array_equal(out[...], counts)
@@ -48,7 +49,7 @@ def test_convert_keeps_values_dtype_and_records_source(tmp_path, counts, kind):
 def test_default_chunks_are_a_few_mb(tmp_path):
     data = np.zeros((40, 30, 64, 64), dtype=np.uint16)
     np.save(tmp_path / "z.npy", data)
-    out = storage.convert(tmp_path / "z.npy", tmp_path / "z.zarr")
+    out = convert(tmp_path / "z.npy", tmp_path / "z.zarr")
     chunk_mb = np.prod(out.chunks) * 2 / 2**20
     assert out.chunks[2:] == (64, 64) and 1 <= chunk_mb <= 4
     codec = out.metadata.to_dict()["codecs"][-1]
@@ -58,7 +59,7 @@ def test_default_chunks_are_a_few_mb(tmp_path):
 def test_npz_with_several_arrays_needs_a_key(tmp_path, counts):
     np.savez(tmp_path / "two.npz", a=counts, b=counts)
     with pytest.raises(InputError, match="choose one with --dataset"):
-        storage.convert(tmp_path / "two.npz", tmp_path / "o.zarr")
+        convert(tmp_path / "two.npz", tmp_path / "o.zarr")
 
 
 def test_existing_output_is_never_overwritten(tmp_path, counts):
@@ -66,12 +67,12 @@ def test_existing_output_is_never_overwritten(tmp_path, counts):
     (tmp_path / "o.zarr").mkdir()
     (tmp_path / "o.zarr" / "keep").write_text("x")
     with pytest.raises(InputError, match="already exists"):
-        storage.convert(tmp_path / "in.npy", tmp_path / "o.zarr")
+        convert(tmp_path / "in.npy", tmp_path / "o.zarr")
     assert (tmp_path / "o.zarr" / "keep").read_text() == "x"
 
 
 def test_zarr_group_input_picks_the_noisy_array(small_cube):
-    arr = storage.open_cube(small_cube)
+    arr = open_cube(small_cube)
     assert arr.path.endswith("noisy") and isinstance(arr, zarr.Array)
 
 
@@ -81,14 +82,14 @@ def test_chunk_reader_decodes_like_zarr_edges_and_missing_chunks_included(tmp_pa
     rng = np.random.default_rng(0)
     data = rng.integers(0, 50, shape).astype(dtype)
     data[3:6, 3:6] = 0  # an all-zero chunk: Zarr leaves its file out
-    if dtype == ">u2":  # big-endian: not stored with storage.codec's layout, read through Zarr
+    if dtype == ">u2":  # big-endian: not stored with codec's layout, read through Zarr
         arr = zarr.create_array(str(tmp_path / "a.zarr"), shape=shape, chunks=(tile, tile, 3, 4), dtype=dtype)
     else:
-        arr = storage.create_cube(tmp_path / "a.zarr", None, shape, tile, dtype)
+        arr = create_cube(tmp_path / "a.zarr", None, shape, tile, dtype)
     arr[...] = data
-    direct = storage.ChunkReader(arr, (tile, tile, 3, 4))
+    direct = ChunkReader(arr, (tile, tile, 3, 4))
     assert (direct.root is not None) == (dtype != ">u2")
-    via_zarr = storage.ChunkReader(arr, (tile, tile, 3, 4))
+    via_zarr = ChunkReader(arr, (tile, tile, 3, 4))
     via_zarr.root = None
     for cy in range(3):
         for cx in range(4):
@@ -99,4 +100,4 @@ def test_chunk_reader_decodes_like_zarr_edges_and_missing_chunks_included(tmp_pa
             np.testing.assert_array_equal(a[:h, :w], expected)
             np.testing.assert_array_equal(b[:h, :w], expected)
     # a grid that does not match the array's chunks is read through Zarr
-    assert storage.ChunkReader(arr, (2, 2, 3, 4)).root is None
+    assert ChunkReader(arr, (2, 2, 3, 4)).root is None

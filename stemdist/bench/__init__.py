@@ -1,6 +1,7 @@
 """``stemdist bench NAME``: benchmarks that print figures measured side by side in one run.
 
-Each benchmark is a module here with ``add_arguments(parser)`` and ``run(args) -> int``; its last
+The command line declares ``stemdist bench NAME [ARGS]`` (``stemdist.cli``); each benchmark is a module
+here with ``add_arguments(parser)`` and ``run(args) -> int``; its last
 printed line states the headline figure against its goal.
 """
 
@@ -17,16 +18,6 @@ BENCHMARKS = {  # name -> (module, one-line help)
     "train": ("train", "training samples/s per device and the fraction of step time waiting for data"),
     "memory": ("memory", "peak RSS of `stemdist denoise` on synthetic cubes of growing size (GBs on disk)"),
 }
-
-
-def add_parser(sub) -> None:
-    """``stemdist bench NAME [ARGS]``: the benchmark's module is imported only when it runs."""
-    p = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS),
-                       description="\n".join(f"{n}: {h}" for n, (_, h) in BENCHMARKS.items()),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="its options (stemdist bench NAME --help)")
-    p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:

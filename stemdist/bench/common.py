@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..console import table  # noqa: F401  (the one table printer, re-exported for the benchmarks)
+
 
 def add_common(parser, smoke_help: str) -> None:
     parser.add_argument("--smoke", action="store_true", help=smoke_help)
@@ -39,7 +41,7 @@ def workdir(path: str | None, prefix: str) -> Iterator[Path]:
 def synth_cube(root: Path, scan: tuple[int, int], det: tuple[int, int], dose: float = 100.0,
                tile: int | None = None, seed: int = 0) -> Path:
     """A ``stemdist.synth`` group (``noisy``, ``truth``) under ``root``, reused when already there."""
-    from stemdist.synth import synth
+    from ..io.synth import synth
 
     name = f"synth_{scan[0]}x{scan[1]}_{det[0]}x{det[1]}_d{dose:g}_t{tile}_s{seed}.zarr"
     path = root / name
@@ -82,15 +84,6 @@ def median(values: list[float]) -> float:
 def spread(values: list[float]) -> str:
     """``median (min-max)`` in the values' unit, for tables."""
     return f"{median(values):.3g} ({min(values):.3g}-{max(values):.3g})"
-
-
-def table(headers: list[str], rows: list[list[object]]) -> str:
-    """A plain-text (also Markdown) table."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[k]) for r in cells) for k in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
 
 def fmt_rate(x: float) -> str:

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import zarr
 
-from .. import storage
 from ..config import ModelConfig, TrainConfig
-from ..inference import infer
-from ..module import Denoiser
-from ..tiles import BlockReader, Grid, flat_index, tile_positions
+from ..data.tiles import BlockReader, Grid, flat_index, tile_positions
+from ..io.zarr_store import create_cube
+from ..run.inference import infer
+from ..train.module import Denoiser
 from . import common
 
 GOAL = 0.8
@@ -53,14 +53,14 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device("cpu")
-    module = Denoiser(ModelConfig(args.width, args.depth), TrainConfig(), channels_last=False).eval()
+    module = Denoiser(ModelConfig(base_width=args.width, depth=args.depth), TrainConfig(), channels_last=False).eval()
     B = args.batch_size
     with common.workdir(args.workdir, "stemdist-bench-infer-") as root:
         path = common.synth_cube(root, (args.scan, args.scan), (args.det, args.det), tile=args.tile,
                                  seed=args.seed)
         raw = zarr.open_array(str(path / "noisy"), mode="r")
         den = zarr.open_array(str(path / "truth"), mode="r")
-        out = storage.create_cube(root / "bench-infer-out.zarr", None, raw.shape, args.tile, "float32",
+        out = create_cube(root / "bench-infer-out.zarr", None, raw.shape, args.tile, "float32",
                                   overwrite=True)
         grid = Grid.of(out)
         # the same batches as the inference pass, gathered once into memory

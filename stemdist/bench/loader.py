@@ -27,9 +27,9 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset
 
-from ..dataset import NeighbourPatches
-from ..tiles import OFFSETS
-from ..training import Batches
+from ..data.dataset import NeighbourPatches
+from ..data.tiles import OFFSETS
+from ..train.trainer import Batches
 from . import common
 
 GOAL = 2.0

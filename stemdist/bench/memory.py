@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import storage
-from ..synth import LATTICE, expected_patterns
+from ..io.synth import LATTICE, expected_patterns
+from ..io.zarr_store import create_cube
 from . import common
 
 GOAL = 10.0
@@ -60,7 +60,7 @@ def gain_corrected_cube(path: Path, scan: int, det: int, dose: float, tile: int,
     stamp = path.parent / (path.name + ".complete")
     if not stamp.exists():
         shape = (scan, scan, det, det)
-        arr = storage.create_cube(path, None, shape, tile, "float64", overwrite=True)
+        arr = create_cube(path, None, shape, tile, "float64", overwrite=True)
         # the synthetic signal is periodic over LATTICE positions: one period of expected patterns
         n = int(LATTICE)
         yy, xx = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..console import table
+
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 HEADLINE = ("psnr", "bf_err", "adf_err", "com_y_err", "com_x_err")  # the goal's columns
 SHOWN = ("psnr", "psnr_interior", "ssim", "bf_err", "adf_err", "com_y_err", "com_x_err")
@@ -51,8 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _cubes(args, dose: float, root: Path) -> tuple[Path, Path, str]:
     """``(noisy, truth, description)`` Zarr cubes for one dose."""
-    from ..storage import convert
-    from ..synth import synth
+    from ..io.convert import convert
+    from ..io.synth import synth
 
     data = args.data if args.data is not None else SHARED
     n = args.scan_crop
@@ -78,7 +80,6 @@ def _cubes(args, dose: float, root: Path) -> tuple[Path, Path, str]:
 def overrides(args) -> tuple[str, dict]:
     """The configuration and overrides of the protocol."""
     from .. import config as cfg
-    from ..cli import merge
 
     if args.smoke:
         config, over = "smoke", {}
@@ -90,7 +91,7 @@ def overrides(args) -> tuple[str, dict]:
                                                "warmup_epochs": args.warmup_epochs},
                                      "model": {"base_width": args.base_width}}
     # loader processes only cost time on a CPU; they never change the result
-    over = merge(over, {"data": {"num_workers": 0}, "output": {"progress": False}},
+    over = cfg.merge(over, {"data": {"num_workers": 0}},
                  cfg.parse_overrides(args.set))
     return config, over
 
@@ -109,11 +110,8 @@ def protocol(config_name: str, over: dict) -> str:
 def format_table(methods: dict[str, dict]) -> str:
     heads = {"psnr": "PSNR dB", "psnr_interior": "PSNR int", "ssim": "SSIM", "bf_err": "BF err",
              "adf_err": "ADF err", "com_y_err": "CoMy err", "com_x_err": "CoMx err"}
-    lines = [f"| {'method':<10} | " + " | ".join(f"{heads[c]:>8}" for c in SHOWN) + " |",
-             "|" + "-" * 12 + "|" + "|".join("-" * 10 for _ in SHOWN) + "|"]
-    for name, m in methods.items():
-        lines.append(f"| {name:<10} | " + " | ".join(f"{m[c]:>8.3f}" for c in SHOWN) + " |")
-    return "\n".join(lines)
+    return table(["method", *(heads[c] for c in SHOWN)],
+                 [[name, *(f"{m[c]:.3f}" for c in SHOWN)] for name, m in methods.items()])
 
 
 def wins(methods: dict[str, dict], name: str = "final") -> list[str]:
@@ -136,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..api import run_denoise
     from ..config import load
-    from ..evaluate import evaluate
+    from ..quality.evaluate import evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)

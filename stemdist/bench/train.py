@@ -1,8 +1,8 @@
 """``stemdist bench train``: training samples/s per device and the share of step time spent waiting for data.
 
 The product's own pieces are timed: :class:`stemdist.dataset.NeighbourPatches` on a compressed Zarr
-cube with the cycle blend, :func:`stemdist.training.loader` (workers, prefetch, pinned memory on CUDA)
-and :func:`stemdist.training.trainer` (precision, checkpoints, loggers). The loader handed to Lightning is
+cube with the cycle blend, :func:`stemdist.train.trainer.loader` (workers, prefetch, pinned memory on CUDA)
+and :func:`stemdist.train.trainer.trainer` (precision, checkpoints, loggers). The loader handed to Lightning is
 wrapped so that every ``next()`` on it is timed: that is the time the training loop waits for data.
 Each setting trains for ``--epochs`` epochs; the first epoch includes starting the loader workers,
 so the steady state is read from the later ones.
@@ -21,10 +21,12 @@ import pytorch_lightning as pl
 import torch
 
 from .. import config as cfg
-from ..dataset import NeighbourPatches
-from ..distributed import Ranks
-from ..module import Denoiser
-from ..training import loader, precision, trainer, use_cuda
+from ..data.dataset import NeighbourPatches
+from ..layout import RunPaths
+from ..run import hardware
+from ..run.ranks import Ranks
+from ..train.module import Denoiser
+from ..train.trainer import loader, trainer
 from . import common
 
 GOAL = 5.0
@@ -86,11 +88,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _one(path, workers: int, args, root) -> dict:
-    overrides = cfg.parse_overrides(args.set + [f"data.num_workers={workers}", f"train.epochs={args.epochs}",
-                                                "output.progress=false"])
+    overrides = cfg.parse_overrides(args.set + [f"data.num_workers={workers}", f"train.epochs={args.epochs}"])
     conf = cfg.load(args.config, overrides)
     torch.manual_seed(conf.train.seed)
-    module = Denoiser(conf.model, conf.train, channels_last=conf.hardware.channels_last and use_cuda(conf))
+    module = Denoiser(conf.model, conf.train, channels_last=hardware.channels_last(conf))
     if conf.hardware.compile:
         module.compile_net()
     c = conf
@@ -98,19 +99,20 @@ def _one(path, workers: int, args, root) -> dict:
                           borders=c.data.borders, target=c.train.target, shuffle_tiles=c.data.shuffle_tiles,
                           cache_chunks=c.data.cache_chunks, num_workers=c.data.num_workers, seed=c.train.seed,
                           cycle=2)
-    timed = TimedLoader(loader(ds, conf, lambda: module.device))  # split on the device, as in a run
+    # split on the device, as in a run
+    timed = TimedLoader(loader(ds, conf, lambda: module.device, pin_memory=hardware.use_cuda(conf)))
     run_dir = root / f"run-w{workers}"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
-        tr = trainer(conf, Ranks(), run_dir, 2)
+        tr = trainer(conf, Ranks(), RunPaths(run_dir), 2, hardware.accelerator(conf), hardware.precision(conf))
         tr.callbacks.append(EpochEnd(timed))
         tr.fit(module, train_dataloaders=timed)
     steady = timed.epochs[1:] or timed.epochs
     wall = sum(e["end"] - e["start"] for e in steady)
     wait = sum(e["wait"] for e in steady)
     first = timed.epochs[0]
-    return {"workers": workers, "batch": c.train.batch_size, "precision": precision(conf),
-            "device": "cuda" if use_cuda(conf) else "cpu",
+    return {"workers": workers, "batch": c.train.batch_size, "precision": hardware.precision(conf),
+            "device": "cuda" if hardware.use_cuda(conf) else "cpu",
             "samples_s": sum(e["samples"] for e in steady) / wall, "wait_pct": 100 * wait / wall,
             "step_ms": 1e3 * wall / sum(e["batches"] for e in steady),
             "first_epoch_wait_pct": 100 * first["wait"] / (first["end"] - first["start"]),

@@ -1,10 +1,14 @@
-"""Progress bars with ETA for long steps (rich), quiet under ``--quiet`` or when not on a terminal."""
+"""What the user sees while a command runs: progress bars with ETA (rich) and plain-text tables.
+
+``QUIET`` is the one quiet switch: ``--quiet`` on the command line (or ``quiet=True`` in the API) sets it,
+and it turns off every progress bar (Lightning's included), console log line and summary.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from rich.progress import (
     BarColumn,
@@ -58,3 +62,22 @@ def dask_bar(description: str, enable: bool = True) -> Iterator[None]:
 
         with Tasks():
             yield
+
+
+def fmt(value: object, digits: int = 4) -> str:
+    """A table cell: floats to ``digits`` significant digits, ``None`` as a dash."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:,.0f}"
+    return str(value)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], digits: int = 4) -> str:
+    """A plain-text table that is also Markdown: the one table printer of every command and benchmark."""
+    cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else fmt(c, digits) for c in row]
+                                           for row in rows]
+    widths = [max(len(r[k]) for r in cells) for k in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])

@@ -7,6 +7,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
@@ -14,24 +15,16 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from . import progress
-from .config import Config
-from .dataset import NeighbourPatches, split_group
-from .distributed import Ranks
+from .. import console
+from ..config import Config
+from ..data.dataset import NeighbourPatches, split_group
+from ..layout import RunPaths, append_loss, cycle_name
 from .module import Denoiser
 
+if TYPE_CHECKING:  # the run stage decides the hardware and the ranks; training only receives them
+    from ..run.ranks import Ranks
+
 log = logging.getLogger("stemdist")
-
-
-def use_cuda(config: Config) -> bool:
-    return config.hardware.accelerator != "cpu" and torch.cuda.is_available()
-
-
-def precision(config: Config) -> str:
-    p = config.hardware.precision
-    if p == "auto":
-        return "bf16-mixed" if use_cuda(config) and torch.cuda.is_bf16_supported() else "32-true"
-    return "32-true" if p == "32" else p
 
 
 def _worker_init(_: int) -> None:
@@ -60,19 +53,19 @@ class Batches:
             yield from split_group(tuple(t.to(device, non_blocking=True) for t in group))
 
 
-def loader(dataset: NeighbourPatches, config: Config,
-           device: Callable[[], torch.device] | None = None) -> Batches:
+def loader(dataset: NeighbourPatches, config: Config, device: Callable[[], torch.device] | None = None,
+           pin_memory: bool = False) -> Batches:
     """The sharded dataset's groups through a DataLoader (workers, pinned memory), split into batches on
     ``device()`` (asked at each group: the module's device once Lightning has placed it)."""
     workers = config.data.num_workers
-    groups = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=use_cuda(config),
+    groups = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                         persistent_workers=workers > 0, worker_init_fn=_worker_init if workers else None,
                         prefetch_factor=config.data.prefetch_factor if workers else None)
     return Batches(groups, len(dataset), device)
 
 
 class LossLog(Callback):
-    """Appends one row per epoch to ``logs/losses.csv`` (cycle, epoch, phase, loss): survives resumes."""
+    """Appends one row per epoch to the run's loss log (cycle, epoch, phase, loss): survives resumes."""
 
     def __init__(self, path: Path, cycle: int):
         self.path, self.cycle, self.t0 = path, cycle, 0.0
@@ -83,69 +76,60 @@ class LossLog(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.global_rank != 0 or "loss_epoch" not in trainer.callback_metrics:
             return
-        new = not self.path.exists()
-        with open(self.path, "a") as f:
-            if new:
-                f.write("cycle,epoch,phase,loss,seconds\n")
-            phase = "warmup" if module.in_warmup() else "poisson"
-            loss = float(trainer.callback_metrics["loss_epoch"])
-            f.write(f"{self.cycle},{trainer.current_epoch},{phase},{loss:.6g},{time.perf_counter() - self.t0:.3f}\n")
+        append_loss(self.path, {"cycle": self.cycle, "epoch": trainer.current_epoch,
+                                "phase": "warmup" if module.in_warmup() else "poisson",
+                                "loss": f"{float(trainer.callback_metrics['loss_epoch']):.6g}",
+                                "seconds": f"{time.perf_counter() - self.t0:.3f}"})
 
 
-def loggers(run_dir: Path, cycle: int) -> list:
-    name = f"cycle_{cycle:02d}"
+def loggers(paths: RunPaths, cycle: int) -> list:
+    name = cycle_name(cycle)
     attempt = 0  # a resumed cycle logs beside its first attempt, never over it
-    while (run_dir / "logs" / name / (f"resumed_{attempt}" if attempt else "") / "metrics.csv").exists():
+    while (paths.logs / name / (f"resumed_{attempt}" if attempt else "") / "metrics.csv").exists():
         attempt += 1
-    out = [CSVLogger(run_dir / "logs", name=name, version=f"resumed_{attempt}" if attempt else "")]
+    out = [CSVLogger(paths.logs, name=name, version=f"resumed_{attempt}" if attempt else "")]
     try:
         import tensorboard  # noqa: F401
         from pytorch_lightning.loggers import TensorBoardLogger
 
-        out.append(TensorBoardLogger(run_dir / "logs", name="tensorboard", version=name))
+        out.append(TensorBoardLogger(paths.logs, name="tensorboard", version=name))
     except ImportError:
         pass
     return out
 
 
-LOSSES = "losses.csv"
-
-
-def checkpoint_dir(run_dir: Path, cycle: int) -> Path:
-    return run_dir / "checkpoints" / f"cycle_{cycle:02d}"
-
-
-def trainer(config: Config, ranks: Ranks, run_dir: Path, cycle: int) -> pl.Trainer:
-    hw = config.hardware
+def trainer(config: Config, ranks: Ranks, paths: RunPaths, cycle: int, accelerator: str,
+            precision: str) -> pl.Trainer:
+    """Lightning's Trainer for one cycle (DDP over the ranks when there are several)."""
     devices, num_nodes = (ranks.local_world_size, ranks.num_nodes) if ranks.world_size > 1 else (1, 1)
-    strategy = hw.strategy
+    strategy = config.hardware.strategy
     if strategy == "auto" and ranks.world_size > 1:
         strategy = "ddp"
     return pl.Trainer(
-        accelerator="gpu" if use_cuda(config) else "cpu",
+        accelerator=accelerator,
         devices=devices,
         num_nodes=num_nodes,
         strategy=strategy,
-        precision=precision(config),
+        precision=precision,
         max_epochs=config.train.epochs,
-        logger=loggers(run_dir, cycle),
+        logger=loggers(paths, cycle),
         callbacks=[
             # one checkpoint, overwritten every epoch: what --resume continues from
-            ModelCheckpoint(dirpath=checkpoint_dir(run_dir, cycle), filename="last", monitor=None, save_top_k=1,
+            ModelCheckpoint(dirpath=paths.checkpoints(cycle), filename="last", monitor=None, save_top_k=1,
                             every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False),
-            LossLog(run_dir / "logs" / LOSSES, cycle),
+            LossLog(paths.losses, cycle),
         ],
         use_distributed_sampler=False,
-        enable_progress_bar=config.output.progress and progress.enabled(),
+        enable_progress_bar=console.enabled(),
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=10,
-        default_root_dir=run_dir,
+        default_root_dir=paths.root,
     )
 
 
-def train_cycle(module: Denoiser, config: Config, ranks: Ranks, run_dir: Path, cycle: int, raw: str,
-                den: str | None, beta: float) -> None:
+def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths, cycle: int, raw: str,
+                den: str | None, beta: float, accelerator: str = "cpu", precision: str = "32-true") -> None:
     """Train ``module`` for one cycle on ``(1 - beta) raw + beta den``, resuming from its last checkpoint."""
     c = config
     dataset = NeighbourPatches(
@@ -157,10 +141,10 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, run_dir: Path, c
         log.info("cycle %d: blend beta %.3f, %d samples per epoch, %d batches of %d per rank, %d repeated samples "
                  "to even out %d shards", cycle, beta if den else 0.0, plan.total, len(dataset), c.train.batch_size,
                  plan.repeats, dataset.n_shards)
-    ckpt = checkpoint_dir(run_dir, cycle) / "last.ckpt"
+    ckpt = paths.checkpoints(cycle) / "last.ckpt"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*IterableDataset.*__len__.*")
-        batches = loader(dataset, config, lambda: module.device)
-        trainer(config, ranks, run_dir, cycle).fit(module, train_dataloaders=batches,
-                                                   ckpt_path=str(ckpt) if ckpt.exists() else None)
+        batches = loader(dataset, config, lambda: module.device, pin_memory=accelerator == "gpu")
+        trainer(config, ranks, paths, cycle, accelerator, precision).fit(
+            module, train_dataloaders=batches, ckpt_path=str(ckpt) if ckpt.exists() else None)

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from . import storage
-from .errors import InputError
+from ..errors import InputError
 from .formats import AXES
+from .zarr_store import create_cube, default_tile
 
 LATTICE = 8.0  # scan positions between atomic columns
 COLUMN_SIGMA = 1.6  # column width in scan positions
@@ -57,12 +57,12 @@ def synth(out: str | Path, scan: tuple[int, int], det: tuple[int, int], dose: fl
     if out.exists() and not overwrite:
         raise InputError(f"output {out} already exists; remove it or choose another path")
     shape = (H, W, P, Q)
-    tile = tile or storage.default_tile(shape, 4)
+    tile = tile or default_tile(shape)
     count_dtype = "uint16" if dose * 0.5 < 60000 else "uint32"
     group = zarr.open_group(str(out), mode="w")
     attrs = {"dose": dose, "seed": seed, "axes": AXES}
-    truth = storage.create_cube(group, "truth", shape, tile, "float32", attrs)
-    noisy = storage.create_cube(group, "noisy", shape, tile, count_dtype, attrs)
+    truth = create_cube(group, "truth", shape, tile, "float32", attrs)
+    noisy = create_cube(group, "noisy", shape, tile, count_dtype, attrs)
     group.attrs.update({"generator": "stemdist.synth", "scan": [H, W], "det": [P, Q], "dose": dose, "seed": seed})
     grid_y, grid_x = -(-H // tile), -(-W // tile)
     for cy in range(grid_y):

@@ -7,7 +7,6 @@ the command stays quick on stores of any size.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -17,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
+from ..layout import FINAL, RunPaths, cycle_name, cycle_number, is_complete, is_run_dir, read_losses
 
 DEFAULT_SAMPLES = 8
 
@@ -130,56 +130,45 @@ def describe_source(path: Path, dataset: str | None, samples: int) -> dict[str, 
     return info
 
 
-def _epoch_losses(csv_path: Path) -> dict[str, Any]:
-    with open(csv_path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    out: dict[str, Any] = {}
-    cols = [c for c in (rows[0].keys() if rows else []) if c.endswith("_epoch") or c.startswith("val")]
-    for col in cols:
-        values = [float(r[col]) for r in rows if r.get(col) not in (None, "")]
-        if values:
-            out[col] = {"first": values[0], "last": values[-1], "epochs": len(values)}
-    return out
+def _epoch_losses(root: Path) -> dict[str, Any]:
+    """Per cycle, the first and last epoch loss (from the run's loss log)."""
+    per: dict[str, list[float]] = {}
+    for r in read_losses(root):
+        per.setdefault(cycle_name(r["cycle"]), []).append(r["loss"])
+    return {c: {"loss_epoch": {"first": v[0], "last": v[-1], "epochs": len(v)}} for c, v in per.items()}
 
 
 def describe_run(run: Path, samples: int) -> dict[str, Any]:
+    import yaml
     import zarr
 
-    from .storage import COMPLETE
-
+    paths = RunPaths(run)
     info: dict[str, Any] = {"kind": "run directory", "path": str(run)}
-    run_info = json.loads((run / "run.json").read_text())
+    run_info = paths.read_info()
     info["run"] = run_info
     total = None
-    if (run / "config.yaml").exists():
-        import yaml
-
-        conf = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    if paths.config.exists():
+        conf = yaml.safe_load(paths.config.read_text()) or {}
         total = (conf.get("train") or {}).get("cycles")
     info["cycles_planned"] = total
     done, arrays = [], {}
-    den = run / "denoised.zarr"
-    if den.exists():
-        group = zarr.open_group(str(den), mode="r")
+    if paths.denoised.exists():
+        group = zarr.open_group(str(paths.denoised), mode="r")
         for name, arr in sorted(group.arrays()):
-            arrays[name] = bool(arr.attrs.get(COMPLETE, False))
-            if name.startswith("cycle_") and arrays[name]:
+            arrays[name] = is_complete(arr)
+            if cycle_number(name) is not None and arrays[name]:
                 done.append(name)
-        if arrays.get("final"):
-            info["final"] = describe_zarr_array(group["final"], den, samples)
+        if arrays.get(FINAL):
+            info["final"] = describe_zarr_array(group[FINAL], paths.denoised, samples)
     info["cycles_completed"] = len(done)
     info["arrays"] = arrays
-    losses = {}
-    for csv_path in sorted((run / "logs").glob("cycle_*/metrics.csv")):
+    try:
+        info["losses"] = _epoch_losses(run)
+    except (OSError, ValueError, KeyError, csv.Error) as exc:
+        info["losses"] = {"log": {"error": str(exc)}}
+    if paths.metrics.exists():
         try:
-            losses[csv_path.parent.name] = _epoch_losses(csv_path)
-        except (OSError, ValueError, csv.Error) as exc:
-            losses[csv_path.parent.name] = {"error": str(exc)}
-    info["losses"] = losses
-    metrics_path = run / "report" / "metrics.json"
-    if metrics_path.exists():
-        try:
-            info["metrics"] = json.loads(metrics_path.read_text())
+            info["metrics"] = json.loads(paths.metrics.read_text())
         except ValueError as exc:
             info["metrics"] = {"error": f"unreadable metrics.json: {exc}"}
     raw = run_info.get("raw")
@@ -192,14 +181,14 @@ def describe(path: str | Path, dataset: str | None = None, samples: int = DEFAUL
     """A dictionary describing ``path``: a run directory, a Zarr store (array or group) or an input file."""
     import zarr
 
-    from .storage import is_zarr
+    from .zarr_store import is_zarr
 
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist")
     if samples < 1:
         raise InputError("--samples must be at least 1")
-    if path.is_dir() and (path / "run.json").exists():
+    if path.is_dir() and is_run_dir(path):
         return describe_run(path, samples)
     if is_zarr(path):
         node = zarr.open(store=str(path), mode="r")
@@ -317,23 +306,3 @@ def _flatten(d: Any, prefix: str = "", depth: int = 0) -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def cmd_info(a: argparse.Namespace) -> int:
-    info = describe(a.path, dataset=a.dataset, samples=a.samples)
-    if a.json:
-        print(json.dumps(info, indent=2, default=str))
-    else:
-        print(format_info(info))
-    return 0
-
-
-def add_parser(sub) -> None:
-    s = sub.add_parser("info", help="shape, chunks, codec, size and dose of a cube, file or run directory")
-    s.add_argument("path", help="Zarr cube or group, input file (.mib, .h5, ...), or run directory")
-    s.add_argument("--dataset", help="one array of a Zarr group / one dataset of an input file")
-    s.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
-                   help=f"chunks read for the count statistics (default {DEFAULT_SAMPLES})")
-    s.add_argument("--json", action="store_true", help="print the description as JSON")
-    s.set_defaults(func=cmd_info)

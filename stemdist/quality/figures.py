@@ -1,4 +1,4 @@
-"""Figures of a run and of its evaluation, written to ``RUN_DIR/report/``.
+"""Figures of a run and of its evaluation: ``denoised.png``, per-cycle images, and ``RUN_DIR/report/``.
 
 - ``virtual_images.png``: virtual BF, ADF and centre-of-mass (y, x) maps, one column per cube
   (raw, denoised, baselines, reference), one colour scale per row;
@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
@@ -21,12 +20,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import zarr  # noqa: E402
 
-from .metrics import VIRTUAL, Masks, find_masks, mean_pattern, virtual_images_lazy  # noqa: E402
+from ..layout import REPORT, read_losses  # noqa: E402
+from .metrics import VIRTUAL, Masks, find_masks, mean_pattern, virtual_bf, virtual_images_lazy  # noqa: E402
 
 log = logging.getLogger("stemdist")
 
-REPORT = "report"
 ROW_TITLES = {"bf": "virtual BF", "adf": "virtual ADF", "com_y": "CoM y (px)", "com_x": "CoM x (px)"}
 
 
@@ -118,35 +118,11 @@ def patterns_figure(path: str | Path, cubes: dict[str, object], positions: list[
     return Path(path)
 
 
-def read_losses(root: str | Path) -> list[dict]:
-    """Epoch losses of every cycle: dicts cycle, epoch, loss, warmup.
-
-    From ``logs/losses.csv`` (one row per epoch, kept across resumes) when the run wrote it, else
-    from Lightning's ``logs/cycle_XX/[resumed_N/]metrics.csv`` (a resumed epoch replaces the earlier row).
-    """
-    root = Path(root)
-    found: dict[tuple[int, int], dict] = {}
-    if (root / "logs" / "losses.csv").exists():
-        with open(root / "logs" / "losses.csv", newline="") as fh:
-            for row in csv.DictReader(fh):
-                c, e = int(row["cycle"]), int(row["epoch"])
-                found[(c, e)] = {"cycle": c, "epoch": e, "loss": float(row["loss"]),
-                                 "warmup": row.get("phase") == "warmup"}
-        return [found[k] for k in sorted(found)]
-    for csv_path in sorted((root / "logs").glob("cycle_*/**/metrics.csv")):
-        cycle = int(csv_path.relative_to(root / "logs").parts[0].split("_")[-1])
-        with open(csv_path, newline="") as fh:
-            for row in csv.DictReader(fh):
-                if row.get("loss_epoch"):
-                    e = int(float(row["epoch"]))
-                    found[(cycle, e)] = {"cycle": cycle, "epoch": e, "loss": float(row["loss_epoch"]),
-                                         "warmup": bool(float(row["warmup"])) if row.get("warmup") else False}
-    return [found[k] for k in sorted(found)]
-
-
 def loss_figure(path: str | Path, root: str | Path) -> Path | None:
     """Epoch loss across cycles (warm-up epochs, a z-normalised MSE, on their own axis)."""
     rows = read_losses(root)
+    for r in rows:
+        r["warmup"] = r["phase"] == "warmup"
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -226,3 +202,52 @@ def run_figures(paths, raw, final, reference=None) -> list[Path]:
     except Exception as exc:  # a figure must never cost a finished run
         log.warning("run figures not drawn: %s", exc)
         return []
+
+
+def image_panels(path: str | Path, panels: dict[str, np.ndarray], title: str = "") -> Path:
+    """One row of images with a shared colour scale per image, each with its own colour bar."""
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
+    for ax, (name, img) in zip(axes[0], panels.items(), strict=True):
+        im = ax.imshow(img, cmap="gray")
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def denoised_figure(path: str | Path, raw_bf: np.ndarray, denoised: zarr.Array, mask: np.ndarray,
+                    reference: zarr.Array | da.Array | None = None) -> Path:
+    """``denoised.png``: virtual bright-field of raw (given), denoised and (when given) the high-dose reference."""
+    panels = {"raw": raw_bf, "denoised": virtual_bf(denoised, mask)}
+    if reference is not None:
+        panels["high-dose reference"] = virtual_bf(reference, mask)
+    radius = np.sqrt(mask.sum() / np.pi)
+    return image_panels(path, panels, f"virtual bright-field (counts in the central disk, r = {radius:.1f} px)")
+
+
+def cycle_figure(path: str | Path, cycle: int, raw_bf: np.ndarray, bf: np.ndarray,
+                 tensorboard_dir: str | Path | None = None) -> Path:
+    """Virtual bright-field of raw vs one cycle's output; also sent to TensorBoard when it is installed."""
+    title = f"virtual bright-field (central disk) after cycle {cycle}"
+    image_panels(path, {"raw": raw_bf, f"cycle {cycle}": bf}, title)
+    if tensorboard_dir is not None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return Path(path)
+        fig, axes = plt.subplots(1, 2, figsize=(7, 3.4))
+        for ax, (name, img) in zip(axes, (("raw", raw_bf), (f"cycle {cycle}", bf)), strict=True):
+            ax.imshow(img, cmap="gray")
+            ax.set_title(name)
+            ax.axis("off")
+        with SummaryWriter(str(tensorboard_dir)) as writer:
+            writer.add_figure("virtual_bright_field", fig, global_step=cycle)
+        plt.close(fig)
+    return Path(path)

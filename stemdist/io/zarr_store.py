@@ -1,23 +1,18 @@
-"""Chunked Zarr cubes: layout, codec, conversion, validation and export, all streamed with dask."""
+"""Chunked Zarr cubes: the codec, opening and creating cubes, and the fast chunk reader."""
 
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from .errors import InputError
-from .formats import open_source
-from .progress import dask_bar
-
-CHUNK_BYTES = 2 * 2**20  # target size of one uncompressed chunk (as stored; blended in float32)
-COMPLETE = "complete"  # attribute set on a cycle's array once every chunk is written
+from ..config import CHUNK_BYTES
+from ..errors import InputError
+from .checks import check_dtype, check_shape
 
 
 def codec(dtype: np.dtype) -> BloscCodec:
@@ -81,64 +76,12 @@ class ChunkReader:
         return out
 
 
-def default_tile(shape: tuple[int, ...], itemsize: int, target_bytes: int = CHUNK_BYTES) -> int:
-    """Scan tile edge so that one ``(tile, tile, P, Q)`` chunk is about ``target_bytes``."""
+def default_tile(shape: tuple[int, ...], itemsize: int = 4, target_bytes: int = CHUNK_BYTES) -> int:
+    """Scan tile edge (``data.tile: null``) so that one ``(tile, tile, P, Q)`` chunk of ``itemsize``-byte
+    values holds about ``target_bytes`` as stored."""
     pattern = shape[2] * shape[3] * itemsize
     tile = max(1, int(math.sqrt(target_bytes / pattern)))
     return min(tile, max(shape[0], shape[1]))
-
-
-def check_shape(shape: tuple[int, ...], name: str) -> None:
-    """A cube must be 4-D with a scan of at least 3 x 3 (every position needs 8 neighbours)."""
-    if len(shape) != 4:
-        raise InputError(f"{name}: expected a 4-D cube (scan_y, scan_x, det_y, det_x), got shape {tuple(shape)}")
-    if shape[0] < 3 or shape[1] < 3:
-        raise InputError(f"{name}: the scan must be at least 3 x 3 probe positions, got {shape[0]} x {shape[1]}")
-    if shape[2] < 1 or shape[3] < 1:
-        raise InputError(f"{name}: empty detector, shape {tuple(shape)}")
-
-
-def check_dtype(dtype: np.dtype, name: str) -> None:
-    if np.dtype(dtype).kind not in "iuf":
-        raise InputError(f"{name}: counts must be integers or floats, got dtype {dtype}")
-
-
-def _value_checks(arr: da.Array) -> list[da.Array]:
-    """Lazy reductions that flag non-finite and negative values (skipped where the dtype rules them out)."""
-    checks = []
-    if arr.dtype.kind == "f":
-        checks.append(~da.isfinite(arr).all())
-    if arr.dtype.kind in "fi":
-        checks.append((arr < 0).any())
-    return checks
-
-
-def _raise_on_values(flags: list[bool], kinds: list[str], name: str) -> None:
-    for flag, kind in zip(flags, kinds, strict=True):
-        if flag:
-            raise InputError(f"{name}: contains {kind} values; counts must be finite and >= 0")
-
-
-def _flag_names(arr: da.Array) -> list[str]:
-    names = []
-    if arr.dtype.kind == "f":
-        names.append("NaN or infinite")
-    if arr.dtype.kind in "fi":
-        names.append("negative")
-    return names
-
-
-def check_values(arr: zarr.Array | da.Array, name: str, extra: tuple[da.Array, ...] = ()) -> list:
-    """Stream over the cube chunk by chunk; raise if any value is NaN, infinite or negative.
-
-    ``extra`` lazy results over the same cube are computed in the same pass and returned.
-    """
-    darr = arr if isinstance(arr, da.Array) else da.from_zarr(arr)
-    checks = _value_checks(darr)
-    with dask_bar(f"checking {Path(name).name}"):
-        results = list(da.compute(*checks, *extra))
-    _raise_on_values(results[:len(checks)], _flag_names(darr), name)
-    return results[len(checks):]
 
 
 def open_cube(path: str | Path, dataset: str | None = None) -> zarr.Array:
@@ -172,59 +115,14 @@ def is_zarr(path: str | Path) -> bool:
                               or (path / ".zgroup").exists())
 
 
-def create_cube(parent: zarr.Group | str | Path, name: str | None, shape: tuple[int, ...], tile: int,
+def create_cube(parent: zarr.Group | str | Path, name: str | None, shape: tuple[int, ...], tile: int | tuple[int, int],
                 dtype: Any = "float32", attrs: dict | None = None, overwrite: bool = False) -> zarr.Array:
-    """A Zarr array chunked ``(tile, tile, P, Q)`` with the counts codec."""
-    chunks = (min(tile, shape[0]), min(tile, shape[1]), shape[2], shape[3])
+    """A Zarr array chunked ``(ty, tx, P, Q)`` (``tile`` = ``ty = tx`` or ``(ty, tx)``) with the counts codec."""
+    ty, tx = (tile, tile) if isinstance(tile, int) else tile
+    chunks = (min(ty, shape[0]), min(tx, shape[1]), shape[2], shape[3])
     kwargs = dict(shape=shape, chunks=chunks, dtype=dtype, compressors=[codec(dtype)],
                   attributes=attrs or {}, overwrite=overwrite, fill_value=0)
     if name is None:
         return zarr.create_array(store=str(parent), **kwargs)
     group = parent if isinstance(parent, zarr.Group) else zarr.open_group(str(parent), mode="a")
     return group.create_array(name=name, **kwargs)
-
-
-def convert(source: str | Path, output: str | Path, dataset: str | None = None, tile: int | None = None,
-            overwrite: bool = False) -> zarr.Array:
-    """Stream any supported input into a chunked, compressed Zarr cube; validate values on the way."""
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise InputError(f"output {output} already exists; remove it or choose another path")
-    arr, attrs = open_source(source, dataset)
-    check_shape(arr.shape, str(source))
-    check_dtype(arr.dtype, str(source))
-    tile = tile or default_tile(arr.shape, arr.dtype.itemsize)
-    out = create_cube(output, None, arr.shape, tile, dtype=arr.dtype, overwrite=overwrite,
-                      attrs={**attrs, "shape": list(arr.shape), "dtype": str(arr.dtype)})
-    arr = arr.rechunk(out.chunks)
-    checks = _value_checks(arr)
-    try:
-        with dask_bar(f"convert {Path(source).name}"):
-            results = da.compute(da.store(arr, out, lock=False, compute=False), *checks)
-        _raise_on_values(list(results[1:]), _flag_names(arr), str(source))
-    except BaseException:
-        shutil.rmtree(output, ignore_errors=True)
-        raise
-    return zarr.open_array(str(output), mode="r")
-
-
-def export_npy(source: str | Path, output: str | Path, dataset: str | None = None) -> Path:
-    """Write a Zarr cube to ``.npy`` chunk by chunk through a memory map (bounded memory)."""
-    output = Path(output)
-    if output.exists():
-        raise InputError(f"output {output} already exists; remove it or choose another path")
-    arr = open_cube(source, dataset)
-    out = np.lib.format.open_memmap(output, mode="w+", dtype=arr.dtype, shape=arr.shape)
-    with dask_bar(f"export {output.name}"):
-        da.store(da.from_zarr(arr), out, lock=True)
-    out.flush()
-    del out
-    return output
-
-
-def mark_complete(arr: zarr.Array, **extra: Any) -> None:
-    arr.attrs.update({COMPLETE: True, **extra})
-
-
-def is_complete(group: zarr.Group, name: str) -> bool:
-    return name in group and bool(group[name].attrs.get(COMPLETE, False))

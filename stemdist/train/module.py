@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from .config import ModelConfig, TrainConfig
+from ..config import ModelConfig, TrainConfig
 from .losses import poisson_loss, warmup_loss
 from .model import UNet
 

@@ -13,7 +13,6 @@ they come from the run's input cube.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,11 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from .errors import InputError
+from ..console import dask_bar
+from ..errors import InputError
+from ..layout import DENOISED, FINAL, RunPaths, is_run_dir
 from .formats import AXES, FORMATS_EXTRA, require
-from .progress import dask_bar
-from .storage import export_npy, open_cube
+from .zarr_store import open_cube
 
 EXPORT_SUFFIXES = (".npy", ".h5", ".hdf5", ".emd", ".hspy", ".zspy")
 EMD_SUFFIXES = (".h5", ".hdf5", ".emd")
@@ -33,10 +33,10 @@ EMD_SUFFIXES = (".h5", ".hdf5", ".emd")
 def resolve(source: str | Path, dataset: str | None) -> tuple[Path, str | None, Path | None]:
     """A run directory stands for its final denoised cube; returns (zarr path, dataset, run dir)."""
     source = Path(source)
-    if (source / "run.json").exists():
-        return source / "denoised.zarr", dataset or "final", source
-    if source.name == "denoised.zarr" and (source.parent / "run.json").exists():
-        return source, dataset or "final", source.parent
+    if is_run_dir(source):
+        return RunPaths(source).denoised, dataset or FINAL, source
+    if source.name == DENOISED and is_run_dir(source.parent):
+        return source, dataset or FINAL, source.parent
     return source, dataset, None
 
 
@@ -45,7 +45,7 @@ def calibration(arr: zarr.Array, run_dir: Path | None) -> dict[str, dict[str, An
     calib = dict(arr.attrs.get("calibration") or {})
     if not calib and run_dir is not None:
         try:
-            raw = json.loads((run_dir / "run.json").read_text()).get("raw")
+            raw = RunPaths(run_dir).read_info().get("raw")
             if raw:
                 calib = dict(zarr.open_array(raw, mode="r").attrs.get("calibration") or {})
         except Exception:  # a moved or deleted input leaves the export uncalibrated, not failed
@@ -148,6 +148,20 @@ def export_hspy(source: zarr.Array, output: Path, calib: dict[str, dict[str, Any
     except BaseException:
         output.unlink(missing_ok=True)
         raise
+    return output
+
+
+def export_npy(source: str | Path, output: str | Path, dataset: str | None = None) -> Path:
+    """Write a Zarr cube to ``.npy`` chunk by chunk through a memory map (bounded memory)."""
+    output = Path(output)
+    if output.exists():
+        raise InputError(f"output {output} already exists; remove it or choose another path")
+    arr = open_cube(source, dataset)
+    out = np.lib.format.open_memmap(output, mode="w+", dtype=arr.dtype, shape=arr.shape)
+    with dask_bar(f"export {output.name}"):
+        da.store(da.from_zarr(arr), out, lock=True)
+    out.flush()
+    del out
     return output
 
 

@@ -256,3 +256,21 @@ def evaluate_cubes(estimates: dict[str, object], truth, masks: Masks, data_range
         metrics[name] = summarise(stats, tv, data_range, n_pixels)
         virtual[name] = stats[..., 3:]
     return metrics, virtual, tv, data_range
+
+
+def bright_field_mask(arr: zarr.Array) -> np.ndarray:
+    """The bright-field disk (0/1 over the detector) of the mean pattern of up to 16 sampled chunks."""
+    return find_masks(mean_pattern(arr, max_chunks=16)).bf(arr.shape[2:])
+
+
+def virtual_bf_lazy(arr: zarr.Array | da.Array, mask: np.ndarray | None = None) -> da.Array:
+    """Counts inside the bright-field ``mask`` of every pattern (the whole detector without one), lazily."""
+    darr = (arr if isinstance(arr, da.Array) else da.from_zarr(arr)).astype(np.float64)
+    if mask is None:
+        return darr.sum(axis=(2, 3))
+    return da.tensordot(darr, np.asarray(mask, np.float64), axes=([2, 3], [0, 1]))
+
+
+def virtual_bf(arr: zarr.Array | da.Array, mask: np.ndarray | None = None) -> np.ndarray:
+    """The virtual bright-field image, streamed."""
+    return virtual_bf_lazy(arr, mask).compute()

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
-from .errors import StemdistError
+from ..errors import StemdistError
 
 
 @dataclass(frozen=True)

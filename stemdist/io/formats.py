@@ -19,7 +19,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 AXES = ["scan_y", "scan_x", "det_y", "det_x"]
 FORMATS_EXTRA = 'pip install "stemdist[formats]"'

@@ -7,7 +7,6 @@ are needed because no two ranks (or threads) ever write the same chunk.
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,7 +15,8 @@ import numpy as np
 import torch
 import zarr
 
-from .tiles import BlockReader, Borders, Grid, flat_index, tile_positions
+from ..data.tiles import BlockReader, Borders, Grid, flat_index, tile_positions
+from . import hardware
 
 READ_AHEAD = 2
 WRITES_IN_FLIGHT = 2
@@ -29,7 +29,7 @@ def owned_tiles(n_tiles: int, rank: int, world_size: int) -> range:
 
 @torch.inference_mode()
 def predict_block(model: torch.nn.Module, block: np.ndarray, grid: Grid, t: int, borders: Borders,
-                  batch_size: int, device: torch.device, autocast: str | None = None) -> np.ndarray:
+                  batch_size: int, device: torch.device, autocast: torch.dtype | None = None) -> np.ndarray:
     """Denoised patterns of tile ``t`` from its halo ``block``; with ``copy`` borders those are copied."""
     y0, y1, x0, x1 = grid.bounds(t)
     out = block[1:y1 - y0 + 1, 1:x1 - x0 + 1].copy()
@@ -40,9 +40,8 @@ def predict_block(model: torch.nn.Module, block: np.ndarray, grid: Grid, t: int,
         patterns = patterns.pin_memory()
     patterns = patterns.to(device, non_blocking=True)
     index = torch.from_numpy(flat_index(np.zeros_like(ii), ii, jj, block.shape[:2])[:, :8]).to(device)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     for s in range(0, len(ii), batch_size):
-        with ctx:
+        with hardware.autocast(device, autocast):
             pred = model(patterns[index[s:s + batch_size]])
         out[ii[s:s + batch_size], jj[s:s + batch_size]] = pred[:, 0].float().cpu().numpy()
     return out
@@ -63,14 +62,14 @@ def _read_ahead(reader: BlockReader, tiles: range) -> Iterator[tuple[int, np.nda
 
 def infer(model: torch.nn.Module, raw: zarr.Array, den: zarr.Array | None, beta: float, out: zarr.Array,
           *, borders: Borders, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1,
-          cache_chunks: int = 24, autocast: str | None = None, progress=None,
+          cache_chunks: int = 24, autocast: torch.dtype | None = None, progress=None,
           bf_mask: np.ndarray | None = None) -> np.ndarray:
     """Write this rank's chunks of ``out`` = model applied to ``(1 - beta) raw + beta den``.
 
     Returns the virtual bright-field image (counts in ``bf_mask``, or the whole detector) of the chunks
     this rank wrote, zero elsewhere: summed over ranks it is the whole image, for free (no second pass).
     """
-    grid = Grid.of(out)
+    grid = Grid.of(out)  # the output's chunks: each rank writes whole ones
     reader = BlockReader(raw, den, beta, cache_chunks, grid)
     tiles = owned_tiles(grid.n_tiles, rank, world_size)
     model.eval()

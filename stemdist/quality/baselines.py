@@ -18,7 +18,8 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
-from . import storage
+from ..io.zarr_store import create_cube
+from ..layout import mark_complete
 from .metrics import _lazy
 
 GRAM_LIMIT = 4096  # detector pixels up to which the PCA covariance (P·Q)² is accumulated exactly
@@ -113,9 +114,9 @@ def write(arr: zarr.Array, out: str | Path, names=NAMES, sigma: float = 1.0, ran
     params = {"gaussian": {"sigma": sigma}, "neighbours": {}, "pca": {"rank": rank}}
     written = {}
     for name, lazy in compute(arr, names, sigma, rank).items():
-        z = storage.create_cube(group, name, tuple(arr.shape), tile, "float32", overwrite=True,
+        z = create_cube(group, name, tuple(arr.shape), tile, "float32", overwrite=True,
                                 attrs={"baseline": name, **params[name]})
         da.store(lazy.astype(np.float32).rechunk(z.chunks), z, lock=False)
-        storage.mark_complete(z)
+        mark_complete(z)
         written[name] = z
     return written

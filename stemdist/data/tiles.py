@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import zarr
 
-from .storage import ChunkReader
+from ..io.zarr_store import ChunkReader
 
 # Channel order of the 8 neighbours (di, dj), as in the reference.
 OFFSETS = np.array([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
@@ -34,6 +34,11 @@ class Grid:
     @classmethod
     def of(cls, arr: zarr.Array) -> Grid:
         return cls(arr.shape[0], arr.shape[1], arr.chunks[0], arr.chunks[1])
+
+    @property
+    def tile(self) -> tuple[int, int]:
+        """``(ty, tx)``: the scan extent of one chunk."""
+        return self.ty, self.tx
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -1,0 +1,39 @@
+"""``stemdist convert``: stream any supported input into a chunked, compressed Zarr cube."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import dask.array as da
+import zarr
+
+from ..console import dask_bar
+from ..errors import InputError
+from .checks import _flag_names, _raise_on_values, _value_checks, check_dtype, check_shape
+from .formats import open_source
+from .zarr_store import create_cube, default_tile
+
+
+def convert(source: str | Path, output: str | Path, dataset: str | None = None, tile: int | None = None,
+            overwrite: bool = False) -> zarr.Array:
+    """Stream any supported input into a chunked, compressed Zarr cube; validate values on the way."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise InputError(f"output {output} already exists; remove it or choose another path")
+    arr, attrs = open_source(source, dataset)
+    check_shape(arr.shape, str(source))
+    check_dtype(arr.dtype, str(source))
+    tile = tile or default_tile(arr.shape, arr.dtype.itemsize)
+    out = create_cube(output, None, arr.shape, tile, dtype=arr.dtype, overwrite=overwrite,
+                      attrs={**attrs, "shape": list(arr.shape), "dtype": str(arr.dtype)})
+    arr = arr.rechunk(out.chunks)
+    checks = _value_checks(arr)
+    try:
+        with dask_bar(f"convert {Path(source).name}"):
+            results = da.compute(da.store(arr, out, lock=False, compute=False), *checks)
+        _raise_on_values(list(results[1:]), _flag_names(arr), str(source))
+    except BaseException:
+        shutil.rmtree(output, ignore_errors=True)
+        raise
+    return zarr.open_array(str(output), mode="r")

@@ -1,0 +1,216 @@
+"""The refinement cycles of one run: prepare RUN_DIR, train and infer each cycle, resume, finish."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from .. import console
+from ..config import Config, ConfigError, apply, load
+from ..data.tiles import Grid
+from ..errors import InputError
+from ..io.checks import check_shape, check_values
+from ..io.convert import convert
+from ..io.formats import open_source
+from ..io.zarr_store import create_cube, is_zarr, open_cube
+from ..layout import RunPaths, cycle_name, is_complete, mark_complete
+from ..quality.figures import cycle_figure, denoised_figure, run_figures
+from ..quality.metrics import bright_field_mask, virtual_bf_lazy
+from ..train.module import Denoiser
+from ..train.trainer import train_cycle
+from . import hardware
+from . import ranks as rk
+from .final import plan_final, write_final
+from .inference import infer
+
+log = logging.getLogger("stemdist")
+
+RESUMABLE = {"hardware", "data.num_workers", "data.prefetch_factor", "data.cache_chunks",
+             "inference.batch_size"}  # keys a resumed run may change: they do not change the result
+
+
+def setup_logging(path: Path | None, verbose: bool = True) -> None:
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    if verbose and not console.QUIET:
+        out = logging.StreamHandler()
+        out.setFormatter(logging.Formatter("[stemdist] %(message)s"))
+        log.addHandler(out)
+    if path is not None:
+        fh = logging.FileHandler(path)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(fh)
+
+
+def _check_resume_config(saved: Config, new: dict) -> None:
+    """A resumed run keeps its configuration; only keys that do not change the result may differ."""
+    changed = apply(saved, new, "override")
+    for section, values in new.items():
+        for key in values or {}:
+            if section in RESUMABLE or f"{section}.{key}" in RESUMABLE:
+                continue
+            before, after = getattr(getattr(saved, section), key), getattr(getattr(changed, section), key)
+            if before != after:
+                raise ConfigError(f"--resume keeps the run's saved configuration; {section}.{key} was {before!r} "
+                                  f"and cannot become {after!r} (start a new RUN_DIR to change it)")
+
+
+def fits_grid(arr: zarr.Array, tile: int | None) -> bool:
+    """Whether ``arr``'s chunks can be the run's grid: whole patterns per chunk, and ``data.tile`` if set."""
+    if tuple(arr.chunks[2:]) != tuple(arr.shape[2:]):
+        return False
+    return tile is None or tuple(arr.chunks[:2]) == (min(tile, arr.shape[0]), min(tile, arr.shape[1]))
+
+
+def _array_path(arr: zarr.Array, given: Path) -> str:
+    root = Path(arr.store.root) if hasattr(arr.store, "root") else given
+    return str(root / arr.path if arr.path else root)
+
+
+def prepare(input_path: str | Path, paths: RunPaths, config: Config, dataset: str | None, resume: bool,
+            overrides: dict) -> dict:
+    """Rank 0: check the input and RUN_DIR, convert the input if needed, write config and run info.
+
+    The input's Zarr chunks become the run's one grid (training tiles, inference tiles, output chunks);
+    an input that is not Zarr, or whose chunks do not fit (``fits_grid``), is converted into
+    ``RUN_DIR/input.zarr`` first, and the log says so.
+    """
+    root = paths.root
+    if resume:
+        if not paths.run_info.exists():
+            raise InputError(f"--resume: {root} holds no stemdist run (no run.json)")
+        _check_resume_config(load(paths.config), overrides)
+        return paths.read_info()
+    if root.exists() and any(root.iterdir()):
+        raise InputError(f"run directory {root} exists and is not empty; use --resume to continue it, "
+                         "or choose a new --out")
+    input_path = Path(input_path)
+    arr = open_cube(input_path, dataset) if is_zarr(input_path) else None
+    root.mkdir(parents=True, exist_ok=True)
+    if arr is not None and fits_grid(arr, config.data.tile):
+        mask = bright_field_mask(arr)
+        (raw_bf,) = check_values(arr, str(input_path), (virtual_bf_lazy(arr, mask),))  # one pass
+        raw = _array_path(arr, input_path)
+    else:
+        if arr is not None:
+            log.info("input chunks %s do not hold whole patterns in tiles of data.tile=%s: rechunking into %s",
+                     tuple(arr.chunks), config.data.tile, paths.input)
+        try:
+            convert(input_path, paths.input, dataset=dataset, tile=config.data.tile)
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+        raw = str(paths.input)
+        mask = bright_field_mask(zarr.open_array(raw, mode="r"))
+        raw_bf = virtual_bf_lazy(zarr.open_array(raw, mode="r"), mask).compute()
+    arr = zarr.open_array(raw, mode="r")
+    paths.report.mkdir(exist_ok=True)
+    np.save(paths.raw_bf, raw_bf)
+    np.save(paths.bf_mask, mask)
+    info = {"input": str(Path(input_path).resolve()), "dataset": dataset, "raw": str(Path(raw).resolve()),
+            "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks)}
+    config.save(paths.config)
+    paths.run_info.write_text(json.dumps(info, indent=2))
+    zarr.open_group(str(paths.denoised), mode="a")
+    return info
+
+
+def last_complete_cycle(paths: RunPaths, cycles: int) -> int:
+    group = zarr.open_group(str(paths.denoised), mode="r")
+    done = [c for c in range(1, cycles + 1) if cycle_name(c) in group and is_complete(group[cycle_name(c)])]
+    return max(done, default=0)  # with keep_cycles=last the earlier cycles are gone
+
+
+def run(input_path: str | Path, out: str | Path, config: Config, *, dataset: str | None = None,
+        reference: str | Path | None = None, resume: bool = False, overrides: dict | None = None,
+        ranks: rk.Ranks | None = None) -> RunPaths:
+    """Denoise ``input_path`` into ``out`` (every rank calls this; rank 0 does the bookkeeping)."""
+    ranks = ranks or rk.detect()
+    paths = RunPaths.of(out)
+    rk.init(ranks, hardware.use_cuda(config))
+    info = rk.run_on_main(lambda: prepare(input_path, paths, config, dataset, resume, overrides or {}), ranks)
+    if resume:
+        config = apply(load(paths.config), overrides or {}, "override")
+    if ranks.is_main:
+        setup_logging(paths.log_file)
+        log.info("run %s: input %s, shape %s, %d rank(s)", paths.root, info["input"], info["shape"],
+                 ranks.world_size)
+    else:
+        setup_logging(None, verbose=False)
+    raw = zarr.open_array(info["raw"], mode="r")
+    grid = Grid.of(raw)  # the one grid: training tiles, inference tiles and output chunks
+    C = config.train.cycles
+    device = hardware.device(config, ranks)
+    torch.manual_seed(config.train.seed)
+    hardware.setup(config, ranks)
+    module = Denoiser(config.model, config.train, channels_last=hardware.channels_last(config))
+    if config.hardware.compile:
+        module.compile_net()
+    start = last_complete_cycle(paths, C) if resume else 0
+    if start:
+        module.net.load_state_dict(torch.load(paths.cycle_weights(start), map_location="cpu"))
+        if ranks.is_main:
+            log.info("resuming after complete cycle %d of %d", start, C)
+    raw_bf = np.load(paths.raw_bf) if ranks.is_main else None  # computed once, while checking the input
+    bf_mask = np.load(paths.bf_mask)
+    for c in range(start + 1, C + 1):
+        t0 = time.perf_counter()
+        beta = c / C
+        den = str(paths.cycle(c - 1)) if c > 1 else None  # cycle 1 blends raw with raw: the raw cube
+        train_cycle(module, config, ranks, paths, c, info["raw"], den, beta, hardware.accelerator(config),
+                    hardware.precision(config))
+        if ranks.is_main:
+            paths.cycle_weights(c).parent.mkdir(exist_ok=True)
+            torch.save(module.net.state_dict(), paths.cycle_weights(c))
+            create_cube(str(paths.denoised), cycle_name(c), tuple(raw.shape), grid.tile, overwrite=True,
+                        attrs={"cycle": c, "beta": beta})
+        rk.barrier()
+        out_arr = zarr.open_array(str(paths.cycle(c)), mode="r+")
+        den_arr = zarr.open_array(den, mode="r") if den else None
+        module.to(device)
+        with console.bar(f"cycle {c} inference", grid.n_tiles // ranks.world_size, ranks.is_main) as advance:
+            bf = infer(module, raw, den_arr, beta, out_arr, borders=config.data.borders,
+                       batch_size=config.inference.batch_size, device=device, rank=ranks.rank,
+                       world_size=ranks.world_size, cache_chunks=config.data.cache_chunks,
+                       autocast=hardware.autocast_dtype(config), progress=advance, bf_mask=bf_mask)
+        module.cpu().train()
+        bf = rk.sum_to_main(bf)
+        rk.barrier()
+        if ranks.is_main:
+            cycle_figure(paths.report / f"{cycle_name(c)}_bf.png", c, raw_bf, bf,
+                         paths.logs / "tensorboard" / cycle_name(c))
+            mark_complete(out_arr, seconds=round(time.perf_counter() - t0, 2))
+            if config.output.keep_cycles == "last" and c > 1:
+                shutil.rmtree(paths.cycle(c - 1), ignore_errors=True)
+            log.info("cycle %d of %d complete in %.1f s", c, C, time.perf_counter() - t0)
+        rk.barrier()
+    gain, sigma = rk.run_on_main(lambda: plan_final(paths, config, raw), ranks)
+    write_final(paths, config, raw, gain, sigma, ranks)
+    rk.barrier()
+    if ranks.is_main:
+        finish(paths, config, raw, reference)
+    rk.barrier()
+    return paths
+
+
+def finish(paths: RunPaths, config: Config, raw: zarr.Array, reference: str | Path | None) -> None:
+    """Rank 0, once every rank wrote its part of the final cube: the weights and the figures."""
+    final = zarr.open_array(str(paths.final), mode="r+")
+    mark_complete(final)
+    shutil.copyfile(paths.cycle_weights(config.train.cycles), paths.weights)
+    ref = None
+    if reference is not None:
+        ref, _ = open_source(reference)
+        check_shape(ref.shape, str(reference))
+    denoised_figure(paths.figure, np.load(paths.raw_bf), final, np.load(paths.bf_mask), ref)
+    log.info("final cube %s, weights %s, figure %s", paths.final, paths.weights, paths.figure)
+    run_figures(paths, raw, final, ref)
