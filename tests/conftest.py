@@ -31,6 +31,15 @@ def smoke_cube(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def smoke_run(smoke_cube, tmp_path_factory) -> Path:
+    """One finished `denoise` run of the smoke cube (smoke config: 2 cycles x 3 epochs), shared by every test
+    that only reads a run."""
+    run = tmp_path_factory.mktemp("runs") / "smoke"
+    run_cli("denoise", str(smoke_cube / "noisy"), "--out", str(run), *SMOKE)
+    return run
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600,
             check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python -m stemdist ARGS`` in a real subprocess."""

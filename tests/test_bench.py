@@ -1,4 +1,5 @@
-"""The benchmarks run end to end in their CI-sized form and end with their headline line."""
+"""The benchmarks run end to end in their CI-sized form, end with their headline line, and their figures
+say what the design promises (not only that a line was printed)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,40 @@ import pytest
 from .conftest import run_cli
 
 HEADLINES = {
-    "loader": r"loader ratio \d+\.\d+ \(goal >= 2\)",
-    "infer": r"infer ratio \d+\.\d+ \(goal >= 0\.8\)",
-    "train": r"train data-wait \d+\.\d+% \(goal <= 5%\)",
-    "memory": r"memory growth -?\d+\.\d+% \(goal <= 10%\)",
+    "loader": r"loader ratio (\d+\.\d+) \(goal >= 2\)",
+    "infer": r"infer ratio (\d+\.\d+) \(goal >= 0\.8\)",
+    "train": r"train data-wait (\d+\.\d+)% \(goal <= 5%\)",
+    "memory": r"memory growth (-?\d+\.\d+)% \(goal <= 10%\)",
 }
 
 
+def _row(lines: list[str], *cells: str) -> list[str]:
+    """The cells of the first table row that contains every one of ``cells``."""
+    for line in lines:
+        parts = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("|") and all(c in parts for c in cells):
+            return parts
+    raise AssertionError(f"no table row with {cells}")
+
+
 @pytest.mark.parametrize("name", sorted(HEADLINES))
-def test_bench_smoke_ends_with_its_headline(name, tmp_path):
+def test_bench_smoke_figures(name, tmp_path):
     proc = run_cli("bench", name, "--smoke", "--workdir", str(tmp_path))
     lines = proc.stdout.strip().splitlines()
     assert lines, proc.stderr
-    assert re.fullmatch(HEADLINES[name], lines[-1]), proc.stdout
-    assert any(line.startswith("|") for line in lines)  # the table of measured figures
+    headline = re.fullmatch(HEADLINES[name], lines[-1])
+    assert headline, proc.stdout
+    value = float(headline.group(1))
+    if name == "loader":  # 8x8 and 16x16 scans: tiles visit every position, the reference only the interior
+        assert _row(lines, "8x8x16x16", "zarr tiles")[2] == "64"
+        assert _row(lines, "8x8x16x16", "in-memory reference")[2] == "36"
+        shipped = re.search(r"per sample: zarr tiles (\d+\.\d+), in-memory reference (\d+)", proc.stdout)
+        assert float(shipped.group(1)) < float(shipped.group(2)) == 9  # each pattern crosses once, not 9 times
+        assert value > 0
+    elif name == "infer":  # the full pass writes every pattern, and cannot beat forward passes alone
+        assert _row(lines, "inference pass")[1] == "64"
+        assert 0 < value <= 1.2
+    elif name == "train":
+        assert 0 <= value < 100 and float(_row(lines, "1")[1].replace(",", "")) > 0
+    else:  # memory is set by the configuration: a 4x larger cube must not grow the peak by a third
+        assert value < 33

@@ -61,10 +61,13 @@ def test_keep_last_copy_borders_and_npy_input(tmp_path, small_cube):
             "--set", "data.borders=copy", "--cycles", "3")
     group = zarr.open_group(str(run / "denoised.zarr"), mode="r")
     assert sorted(group.array_keys()) == ["cycle_03", "final"]
-    final = group["final"][...]
-    cycle2_mix = final  # borders are copied from the last cycle's blend (beta=1: the previous cycle)
-    assert final.shape == data.shape
-    assert np.isfinite(cycle2_mix).all()
+    final, last = group["final"][...], group["cycle_03"][...]
+    assert final.shape == data.shape and np.isfinite(final).all()
+    # copy borders: every cycle's border is its blend's, (1 - beta) raw + beta previous, and so the raw counts
+    border = np.ones(data.shape[:2], bool)
+    border[1:-1, 1:-1] = False
+    np.testing.assert_allclose(last[border], data[border].astype(np.float32), rtol=1e-6)
+    assert not np.allclose(last[~border], data[~border])  # the interior is the network's
     assert zarr.open_array(str(run / "input.zarr"), mode="r")[...].tolist() == data.tolist()
     assert np.array_equal(np.load(npy), data)
 

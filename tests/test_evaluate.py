@@ -10,17 +10,10 @@ import zarr
 
 from stemdist.quality.evaluate import evaluate
 
-from .conftest import SMOKE, run_cli
+from .conftest import run_cli
 
 FIGURES = ("virtual_images.png", "patterns.png", "loss.png")
 METRICS = ("psnr", "psnr_interior", "ssim", "rel_rmse", "bf_err", "adf_err", "com_y_err", "com_x_err")
-
-
-@pytest.fixture(scope="module")
-def smoke_run(smoke_cube, tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "smoke"
-    run_cli("denoise", str(smoke_cube / "noisy"), "--out", str(run), *SMOKE)
-    return run
 
 
 def test_denoise_draws_the_run_figures(smoke_run):
