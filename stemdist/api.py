@@ -40,15 +40,22 @@ def denoise(input: str | Path, out: str | Path, config: str | Path | None = None
 
 def demo(out: str | Path = "stemdist-demo", quiet: bool = False) -> dict[str, float]:
     """Synthesise a small cube, denoise it with the smoke configuration, report the error against truth."""
+    import shutil
     import time
 
     import zarr
 
+    from .errors import InputError
     from .io.synth import synth
     from .quality.metrics import relative_rmse
 
     out = Path(out)
-    cube = out / "synthetic.zarr"
+    cube, marker = out / "synthetic.zarr", out / ".stemdist-demo"
+    if out.exists() and any(out.iterdir()) and not marker.exists():
+        raise InputError(f"{out} holds files that are not the demo's; the demo owns its folder - choose --out")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    shutil.rmtree(out / "run", ignore_errors=True)  # the demo's own previous run: a rerun starts clean
     t0 = time.perf_counter()
     if not cube.exists():
         synth(cube, (24, 24), (32, 32), dose=100.0, seed=0)

@@ -36,7 +36,9 @@ def cmd_denoise(a: argparse.Namespace) -> int:
         if config.hardware.num_nodes > 1:
             raise cfg.ConfigError("hardware.num_nodes > 1: start the run on every node with torchrun or srun "
                                   "(see launch/ and the README)")
-        return rk.relaunch(config.hardware.devices, a.argv)
+        return rk.relaunch(config.hardware.devices, a.argv, a.debug)
+    if ranks.launcher == "torchrun":
+        rk.die_with_parent()
     from .api import run_denoise
 
     t0 = time.perf_counter()
@@ -54,7 +56,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     ranks = rk.detect()
     if ranks.launcher == "none" and a.devices and a.devices > 1:
-        return rk.relaunch(a.devices, a.argv)
+        return rk.relaunch(a.devices, a.argv, a.debug)
+    if ranks.launcher == "torchrun":
+        rk.die_with_parent()
     from .run.predict import predict
 
     out = predict(a.weights, a.input, a.output, dataset=a.dataset, batch_size=a.batch_size,
@@ -248,20 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def quiet_libraries(quiet: bool) -> None:
-    """Silence library chatter that says nothing about the user's run (and Lightning's banners if quiet)."""
-    import logging
-    import warnings
-
-    for pattern in (".*LeafSpec.*", ".*log_every_n_steps.*", ".*does not have many workers.*",
-                    ".*litlogger.*", ".*predict_dataloader.*"):
-        warnings.filterwarnings("ignore", pattern)
-    tips = logging.Filter()
-    tips.filter = lambda record: "litlogger" not in record.getMessage()
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(tips)
-    if quiet:
-        for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return " ".join(str(exc).split())
 
 
 def _is_main_rank() -> bool:
@@ -275,15 +270,15 @@ def main(argv: list[str] | None = None) -> int:
 
     console.QUIET = args.quiet
     debug = args.debug or os.environ.get("STEMDIST_DEBUG", "") not in ("", "0")
-    quiet_libraries(args.quiet)
+    console.quiet_libraries()
     args.argv = argv  # for a self-launch under torchrun
     try:
         return args.func(args)
-    except StemdistError as exc:
+    except (StemdistError, OSError) as exc:  # OSError: a path that cannot be written, a full disk, ...
         if debug:
             raise
         if _is_main_rank():  # every rank meets the same error; one line is enough
-            print(f"stemdist: error: {exc}", file=sys.stderr)
+            print(f"stemdist: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("stemdist: interrupted; continue with --resume", file=sys.stderr)

@@ -47,6 +47,7 @@ class TrainConfig(Section):
     mean_weight: float = Field(0.0, ge=0)  # reference: 0.02 (weight of the per-pattern mean MSE)
     sum_weight: float = Field(0.0, ge=0)  # reference: 0.01 (weight of the per-pattern sum MSE)
     target: Literal["mix", "raw"] = "mix"  # what the network learns to predict in each cycle
+    match_counts: bool = True  # scale the output to the targets' counts before the first Poisson step (ref: off)
     seed: int = 0
 
 

@@ -64,6 +64,24 @@ def dask_bar(description: str, enable: bool = True) -> Iterator[None]:
             yield
 
 
+def quiet_libraries() -> None:
+    """Silence library chatter that says nothing about the user's run (and Lightning's banners if quiet).
+
+    Called by the CLI and again where Lightning is imported (its import resets its loggers' levels)."""
+    import logging
+    import warnings
+
+    for pattern in (".*LeafSpec.*", ".*log_every_n_steps.*", ".*does not have many workers.*",
+                    ".*litlogger.*", ".*predict_dataloader.*"):
+        warnings.filterwarnings("ignore", pattern)
+    tips = logging.Filter()
+    tips.filter = lambda record: "litlogger" not in record.getMessage()
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(tips)
+    if QUIET:
+        for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def fmt(value: object, digits: int = 4) -> str:
     """A table cell: floats to ``digits`` significant digits, ``None`` as a dash."""
     if value is None:

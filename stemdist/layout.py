@@ -7,10 +7,16 @@ the figures and the summary) goes through this module, never through literal fil
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .errors import InputError
 
 DENOISED = "denoised.zarr"
 FINAL = "final"
@@ -18,6 +24,7 @@ RUN_INFO = "run.json"
 CONFIG = "config.yaml"
 REPORT = "report"
 LOSSES = "losses.csv"
+LEFTOVERS = {"input.zarr", "input.zarr.partial", REPORT, ".lock", CONFIG, DENOISED}  # an interrupted set-up
 LOSS_COLUMNS = ("cycle", "epoch", "phase", "loss", "seconds")
 COMPLETE = "complete"  # attribute set on an array once every chunk of it is written
 
@@ -125,6 +132,16 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / RUN_INFO).exists()
 
 
+def require_complete(arr, name: str) -> None:
+    """Refuse a stemdist array whose chunks were not all written: created ``complete: false`` (or, for runs of
+    earlier versions, inside a run's ``denoised.zarr`` without the mark)."""
+    attrs = arr.attrs
+    inside_run = DENOISED in Path(name).parts
+    if attrs.get(COMPLETE) is False or (inside_run and not attrs.get(COMPLETE, False)):
+        raise InputError(f"{name}: incomplete - not all of its chunks were written (an interrupted run; finish it "
+                    "with `stemdist denoise ... --resume`, `stemdist info` shows what is complete)")
+
+
 def mark_complete(arr, **extra: Any) -> None:
     """Set ``complete: true`` (and ``extra``) on a Zarr array once all of its chunks are written."""
     arr.attrs.update({COMPLETE: True, **extra})
@@ -168,3 +185,60 @@ def read_losses(root: str | Path) -> list[dict]:
                     found[(cycle, e)] = {"cycle": cycle, "epoch": e, "phase": "warmup" if warm else "poisson",
                                          "loss": float(row["loss_epoch"]), "seconds": 0.0}
     return [found[k] for k in sorted(found)]
+
+
+class RunLock:
+    """One run per RUN_DIR: ``RUN_DIR/.lock`` holds the host, PID and start time of the run that owns it.
+
+    A second run meets the lock and stops with one line naming its owner; a lock left by a process that no
+    longer runs on this host (kill -9, a crash) is taken over. Released when the run ends.
+    """
+
+    def __init__(self, paths: RunPaths):
+        self.path = paths.lock
+        self.held = False
+
+    def _owner(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def acquire(self) -> None:
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None:  # being written this instant, or torn: look again
+                    time.sleep(0.2)
+                    owner = self._owner()
+                if owner and (owner.get("host") != me["host"] or self._alive(int(owner.get("pid", -1)))):
+                    raise InputError(f"{self.path.parent} is in use by another stemdist run (host {owner.get('host')}, "
+                                f"PID {owner.get('pid')}, started {owner.get('started')}); wait for it to end, or "
+                                f"delete {self.path} if that run is gone") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise OSError(errno.EBUSY, "could not take the run lock", str(self.path))
+
+    def release(self) -> None:
+        if self.held:
+            owner = self._owner()
+            if owner and owner.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            self.held = False

@@ -35,7 +35,7 @@ FORMATS = SHARED_DATA / "formats"
 # the instrument files live in ../shared/data/formats; without it (a bare clone) those tests skip
 needs_files = pytest.mark.skipif(not FORMATS.exists(), reason=f"{FORMATS} not present")
 REPO = Path(__file__).resolve().parents[1]
-QUICK = [*SMOKE, "--cycles", "1", "--epochs", "1"]  # one short cycle: these tests are about the data path
+QUICK = [*SMOKE, "--cycles", "1", "--epochs", "4", "--batch-size", "4"]  # one short cycle: about the data path
 
 
 def _need(module: str, what: str) -> None:

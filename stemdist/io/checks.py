@@ -63,3 +63,26 @@ def check_values(arr: zarr.Array | da.Array, name: str, extra: tuple[da.Array, .
         results = list(da.compute(*checks, *extra))
     _raise_on_values(results[:len(checks)], _flag_names(darr), name)
     return results[len(checks):]
+
+
+def check_chunks(arr: zarr.Array, name: str) -> None:
+    """Refuse a Zarr cube with chunks that were never written: Zarr would read them as its fill value,
+    which is not data. Names how many are missing and where the first ones lie on the scan."""
+    total, have = arr.nchunks, arr.nchunks_initialized
+    if have >= total:
+        return
+    ty, tx = arr.chunks[:2]
+    where = []
+    root = getattr(arr.store, "root", None)
+    if root is not None:  # a local store: find the missing chunk files
+        grid = [-(-n // c) for n, c in zip(arr.shape, arr.chunks, strict=True)]
+        for index in np.ndindex(*grid):
+            if not (Path(root) / arr.path / arr.metadata.encode_chunk_key(index)).exists():
+                cy, cx = index[:2]
+                where.append(f"scan y {cy * ty}-{min((cy + 1) * ty, arr.shape[0]) - 1}, "
+                             f"x {cx * tx}-{min((cx + 1) * tx, arr.shape[1]) - 1}")
+                if len(where) == 3:
+                    break
+    at = f" (first at {'; '.join(where)})" if where else ""
+    raise InputError(f"{name}: {total - have} of {total} chunks are missing{at}; Zarr would read them as its fill "
+                     f"value {arr.fill_value}, which is not data - re-export or re-convert the cube")

@@ -10,6 +10,7 @@ import zarr
 
 from ..console import dask_bar
 from ..errors import InputError
+from ..layout import COMPLETE, mark_complete
 from .checks import _flag_names, _raise_on_values, _value_checks, check_dtype, check_shape
 from .formats import open_source
 from .zarr_store import create_cube, default_tile
@@ -26,13 +27,14 @@ def convert(source: str | Path, output: str | Path, dataset: str | None = None, 
     check_dtype(arr.dtype, str(source))
     tile = tile or default_tile(arr.shape, arr.dtype.itemsize)
     out = create_cube(output, None, arr.shape, tile, dtype=arr.dtype, overwrite=overwrite,
-                      attrs={**attrs, "shape": list(arr.shape), "dtype": str(arr.dtype)})
+                      attrs={**attrs, COMPLETE: False, "shape": list(arr.shape), "dtype": str(arr.dtype)})
     arr = arr.rechunk(out.chunks)
     checks = _value_checks(arr)
     try:
         with dask_bar(f"convert {Path(source).name}"):
             results = da.compute(da.store(arr, out, lock=False, compute=False), *checks)
         _raise_on_values(list(results[1:]), _flag_names(arr), str(source))
+        mark_complete(out)
     except BaseException:
         shutil.rmtree(output, ignore_errors=True)
         raise

@@ -13,6 +13,7 @@ they come from the run's input cube.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import zarr
 
 from ..console import dask_bar
 from ..errors import InputError
-from ..layout import DENOISED, FINAL, RunPaths, is_run_dir
+from ..layout import DENOISED, FINAL, RunPaths, is_run_dir, require_complete
 from .formats import AXES, FORMATS_EXTRA, require
 from .zarr_store import open_cube
 
@@ -157,11 +158,18 @@ def export_npy(source: str | Path, output: str | Path, dataset: str | None = Non
     if output.exists():
         raise InputError(f"output {output} already exists; remove it or choose another path")
     arr = open_cube(source, dataset)
-    out = np.lib.format.open_memmap(output, mode="w+", dtype=arr.dtype, shape=arr.shape)
-    with dask_bar(f"export {output.name}"):
-        da.store(da.from_zarr(arr), out, lock=True)
-    out.flush()
-    del out
+    require_complete(arr, str(Path(source) / dataset) if dataset else str(source))
+    partial = output.with_name(output.name + ".partial")  # renamed once whole: never a torn .npy
+    out = np.lib.format.open_memmap(partial, mode="w+", dtype=arr.dtype, shape=arr.shape)
+    try:
+        with dask_bar(f"export {output.name}"):
+            da.store(da.from_zarr(arr), out, lock=True)
+        out.flush()
+        del out
+        os.replace(partial, output)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return output
 
 
@@ -186,6 +194,7 @@ def export(source: str | Path, output: str | Path, dataset: str | None = None,
                          "instead (HyperSpy opens it lazily: hs.load(path, lazy=True)); to get .zspy, open "
                          "the .hspy in an environment with zarr 2 and save it as .zspy")
     arr = open_cube(zpath, dataset)
+    require_complete(arr, str(Path(zpath) / dataset) if dataset else str(zpath))
     calib = calibration(arr, run_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
     with dask_bar(f"export {output.name}"):

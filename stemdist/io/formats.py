@@ -106,6 +106,11 @@ def _npy_header(fp) -> tuple[tuple[int, ...], np.dtype, bool]:
 
 
 def _read_npy(path: Path) -> da.Array:
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        raise InputError(f"{path}: not a NumPy .npy file (it does not start with the .npy header; "
+                         f"first bytes {magic!r})")
     try:
         data = np.load(path, mmap_mode="r")
     except ValueError as exc:

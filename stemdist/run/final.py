@@ -12,7 +12,7 @@ from ..config import Config
 from ..console import bar
 from ..data.tiles import Grid
 from ..io.zarr_store import create_cube
-from ..layout import FINAL, RunPaths
+from ..layout import COMPLETE, FINAL, RunPaths
 from . import fusion
 from .inference import owned_tiles
 from .ranks import Ranks
@@ -41,7 +41,7 @@ def plan_final(paths: RunPaths, config: Config, raw: zarr.Array) -> tuple[np.nda
     """Rank 0: the calibration gain (or None) and the fusion's sigma; creates the (empty) final array."""
     C = config.train.cycles
     stack = estimate(paths, config)
-    attrs = {"estimate": config.output.final, "cycles": C, "calibrated": config.output.calibrate}
+    attrs = {COMPLETE: False, "estimate": config.output.final, "cycles": C, "calibrated": config.output.calibrate}
     gain = None
     if config.output.calibrate:
         gain = detector_gain(raw, stack).astype(np.float32)

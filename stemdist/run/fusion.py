@@ -28,6 +28,8 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
+from .. import faults
+
 TRUNCATE = 3.0  # Gaussian kernels are cut at 3 sigma
 CANDIDATES = np.arange(0.0, 4.01, 0.25)  # scan sigmas tried by SURE, in probe positions
 
@@ -136,9 +138,11 @@ def fuse_into(out: zarr.Array, raw, den, sigma: float, detector_sigma: float = 1
             pending.append(pool.submit(fuse_chunk, raw, den, out, t // nx, t % nx, sigma, detector_sigma))
             while len(pending) > 2 * threads:
                 pending.popleft().result()
+                faults.point(f"final:{t}")
                 if progress is not None:
                     progress(1)
-        for f in pending:
+        for t, f in enumerate(pending):
             f.result()
+            faults.point(f"final:{t}")
             if progress is not None:
                 progress(1)

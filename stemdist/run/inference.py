@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import zarr
 
+from .. import faults
 from ..data.tiles import BlockReader, Borders, Grid, flat_index, tile_positions
 from . import hardware
 
@@ -66,26 +67,29 @@ def infer(model: torch.nn.Module, raw: zarr.Array, den: zarr.Array | None, beta:
           bf_mask: np.ndarray | None = None) -> np.ndarray:
     """Write this rank's chunks of ``out`` = model applied to ``(1 - beta) raw + beta den``.
 
-    Returns the virtual bright-field image (counts in ``bf_mask``, or the whole detector) of the chunks
-    this rank wrote, zero elsewhere: summed over ranks it is the whole image, for free (no second pass).
+    Returns two images of the chunks this rank wrote, zero elsewhere (summed over ranks they are whole, for
+    free: no second pass): ``[0]`` the virtual bright-field (counts in ``bf_mask``, or the whole detector),
+    ``[1]`` the total counts of every pattern (what the divergence check reads).
     """
     grid = Grid.of(out)  # the output's chunks: each rank writes whole ones
     reader = BlockReader(raw, den, beta, cache_chunks, grid)
     tiles = owned_tiles(grid.n_tiles, rank, world_size)
     model.eval()
-    image = np.zeros((grid.H, grid.W))
+    images = np.zeros((2, grid.H, grid.W))
     with ThreadPoolExecutor(1, thread_name_prefix="stemdist-write") as writer:
         writes: deque[Future] = deque()
         for t, block in _read_ahead(reader, tiles):
             pred = predict_block(model, block, grid, t, borders, batch_size, device, autocast)
             y0, y1, x0, x1 = grid.bounds(t)
-            image[y0:y1, x0:x1] = (pred.sum(axis=(2, 3), dtype=np.float64) if bf_mask is None
-                                   else np.tensordot(pred, bf_mask, axes=([2, 3], [0, 1])))
+            images[1, y0:y1, x0:x1] = pred.sum(axis=(2, 3), dtype=np.float64)
+            images[0, y0:y1, x0:x1] = (images[1, y0:y1, x0:x1] if bf_mask is None
+                                       else np.tensordot(pred, bf_mask, axes=([2, 3], [0, 1])))
             writes.append(writer.submit(out.__setitem__, (slice(y0, y1), slice(x0, x1)), pred))
             while len(writes) > WRITES_IN_FLIGHT:
                 writes.popleft().result()
             if progress is not None:
                 progress(1)
+            faults.point(f"infer:{t}")
         for w in writes:
             w.result()
-    return image
+    return images

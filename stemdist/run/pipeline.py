@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 import torch
 import zarr
 
-from .. import console
+from .. import console, faults
 from ..config import Config, ConfigError, apply, load
 from ..data.tiles import Grid
-from ..errors import InputError
-from ..io.checks import check_shape, check_values
+from ..errors import InputError, StemdistError
+from ..io.checks import check_chunks, check_shape, check_values
 from ..io.convert import convert
 from ..io.formats import open_source
 from ..io.zarr_store import create_cube, is_zarr, open_cube
-from ..layout import RunPaths, cycle_name, is_complete, mark_complete
+from ..layout import COMPLETE, LEFTOVERS, RunLock, RunPaths, cycle_name, is_complete, mark_complete
 from ..quality.figures import cycle_figure, denoised_figure, run_figures
 from ..quality.metrics import bright_field_mask, virtual_bf_lazy
 from ..train.module import Denoiser
@@ -76,51 +78,78 @@ def _array_path(arr: zarr.Array, given: Path) -> str:
     return str(root / arr.path if arr.path else root)
 
 
+def _interrupted_setup(root: Path) -> bool:
+    """A RUN_DIR holding only what an interrupted set-up leaves (no ``run.json`` yet): safe to redo."""
+    return root.is_dir() and not (root / "run.json").exists() and all(p.name in LEFTOVERS for p in root.iterdir())
+
+
 def prepare(input_path: str | Path, paths: RunPaths, config: Config, dataset: str | None, resume: bool,
-            overrides: dict) -> dict:
+            overrides: dict, lock: RunLock) -> dict:
     """Rank 0: check the input and RUN_DIR, convert the input if needed, write config and run info.
 
     The input's Zarr chunks become the run's one grid (training tiles, inference tiles, output chunks);
     an input that is not Zarr, or whose chunks do not fit (``fits_grid``), is converted into
-    ``RUN_DIR/input.zarr`` first, and the log says so.
+    ``RUN_DIR/input.zarr`` first (atomically: an interrupted conversion is redone), and the log says so.
+    ``run.json`` is written last: a RUN_DIR without it is a set-up to redo, never a dead end.
     """
     root = paths.root
-    if resume:
-        if not paths.run_info.exists():
-            raise InputError(f"--resume: {root} holds no stemdist run (no run.json)")
-        _check_resume_config(load(paths.config), overrides)
-        return paths.read_info()
-    if root.exists() and any(root.iterdir()):
+    redo = _interrupted_setup(root)
+    if resume and not paths.run_info.exists() and not redo:
+        raise InputError(f"--resume: {root} holds no stemdist run (no run.json)")
+    if not resume and root.exists() and any(root.iterdir()) and not redo:
         raise InputError(f"run directory {root} exists and is not empty; use --resume to continue it, "
                          "or choose a new --out")
-    input_path = Path(input_path)
-    arr = open_cube(input_path, dataset) if is_zarr(input_path) else None
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    if paths.run_info.exists():  # a resumed run
+        _check_resume_config(load(paths.config), overrides)
+        return paths.read_info()
+    try:
+        return _set_up(input_path, paths, config, dataset)
+    except StemdistError:
+        lock.release()
+        if created:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+def _set_up(input_path: str | Path, paths: RunPaths, config: Config, dataset: str | None) -> dict:
+    input_path = Path(input_path)
+    for name in LEFTOVERS - {".lock"}:  # what an interrupted set-up left
+        left = paths.root / name
+        if left.is_dir():
+            shutil.rmtree(left)
+        else:
+            left.unlink(missing_ok=True)
+    arr = open_cube(input_path, dataset) if is_zarr(input_path) else None
     if arr is not None and fits_grid(arr, config.data.tile):
-        mask = bright_field_mask(arr)
-        (raw_bf,) = check_values(arr, str(input_path), (virtual_bf_lazy(arr, mask),))  # one pass
+        check_chunks(arr, str(input_path))
         raw = _array_path(arr, input_path)
     else:
         if arr is not None:
+            check_chunks(arr, str(input_path))
             log.info("input chunks %s do not hold whole patterns in tiles of data.tile=%s: rechunking into %s",
                      tuple(arr.chunks), config.data.tile, paths.input)
-        try:
-            convert(input_path, paths.input, dataset=dataset, tile=config.data.tile)
-        except BaseException:
-            shutil.rmtree(root, ignore_errors=True)
-            raise
+        partial = paths.input.with_name(paths.input.name + ".partial")
+        convert(input_path, partial, dataset=dataset, tile=config.data.tile, overwrite=True)
+        faults.point("convert")
+        os.replace(partial, paths.input)
         raw = str(paths.input)
-        mask = bright_field_mask(zarr.open_array(raw, mode="r"))
-        raw_bf = virtual_bf_lazy(zarr.open_array(raw, mode="r"), mask).compute()
     arr = zarr.open_array(raw, mode="r")
+    mask = bright_field_mask(arr)
+    darr = da.from_zarr(arr)
+    raw_bf, totals = check_values(arr, str(input_path), (virtual_bf_lazy(darr, mask),
+                                                          darr.astype(np.float64).sum(axis=(2, 3)).mean()))
     paths.report.mkdir(exist_ok=True)
     np.save(paths.raw_bf, raw_bf)
     np.save(paths.bf_mask, mask)
     info = {"input": str(Path(input_path).resolve()), "dataset": dataset, "raw": str(Path(raw).resolve()),
-            "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks)}
+            "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
+            "mean_counts": float(totals)}
     config.save(paths.config)
-    paths.run_info.write_text(json.dumps(info, indent=2))
     zarr.open_group(str(paths.denoised), mode="a")
+    paths.run_info.write_text(json.dumps(info, indent=2))
     return info
 
 
@@ -137,7 +166,17 @@ def run(input_path: str | Path, out: str | Path, config: Config, *, dataset: str
     ranks = ranks or rk.detect()
     paths = RunPaths.of(out)
     rk.init(ranks, hardware.use_cuda(config))
-    info = rk.run_on_main(lambda: prepare(input_path, paths, config, dataset, resume, overrides or {}), ranks)
+    lock = RunLock(paths)
+    info = rk.run_on_main(lambda: prepare(input_path, paths, config, dataset, resume, overrides or {}, lock), ranks)
+    try:
+        return _cycles(paths, info, config, reference, resume, overrides, ranks)
+    finally:
+        lock.release()
+
+
+def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path | None, resume: bool,
+            overrides: dict | None, ranks: rk.Ranks) -> RunPaths:
+    """Every rank: the refinement cycles, then the final cube."""
     if resume:
         config = apply(load(paths.config), overrides or {}, "override")
     if ranks.is_main:
@@ -172,19 +211,20 @@ def run(input_path: str | Path, out: str | Path, config: Config, *, dataset: str
             paths.cycle_weights(c).parent.mkdir(exist_ok=True)
             torch.save(module.net.state_dict(), paths.cycle_weights(c))
             create_cube(str(paths.denoised), cycle_name(c), tuple(raw.shape), grid.tile, overwrite=True,
-                        attrs={"cycle": c, "beta": beta})
+                        attrs={COMPLETE: False, "cycle": c, "beta": beta})
         rk.barrier()
         out_arr = zarr.open_array(str(paths.cycle(c)), mode="r+")
         den_arr = zarr.open_array(den, mode="r") if den else None
         module.to(device)
         with console.bar(f"cycle {c} inference", grid.n_tiles // ranks.world_size, ranks.is_main) as advance:
-            bf = infer(module, raw, den_arr, beta, out_arr, borders=config.data.borders,
-                       batch_size=config.inference.batch_size, device=device, rank=ranks.rank,
-                       world_size=ranks.world_size, cache_chunks=config.data.cache_chunks,
-                       autocast=hardware.autocast_dtype(config), progress=advance, bf_mask=bf_mask)
+            images = infer(module, raw, den_arr, beta, out_arr, borders=config.data.borders,
+                           batch_size=config.inference.batch_size, device=device, rank=ranks.rank,
+                           world_size=ranks.world_size, cache_chunks=config.data.cache_chunks,
+                           autocast=hardware.autocast_dtype(config), progress=advance, bf_mask=bf_mask)
         module.cpu().train()
-        bf = rk.sum_to_main(bf)
+        bf, totals = rk.sum_to_main(images)
         rk.barrier()
+        rk.run_on_main(lambda c=c, totals=totals, out_arr=out_arr: check_cycle(paths, info, c, totals, out_arr), ranks)
         if ranks.is_main:
             cycle_figure(paths.report / f"{cycle_name(c)}_bf.png", c, raw_bf, bf,
                          paths.logs / "tensorboard" / cycle_name(c))
@@ -200,6 +240,26 @@ def run(input_path: str | Path, out: str | Path, config: Config, *, dataset: str
         finish(paths, config, raw, reference)
     rk.barrier()
     return paths
+
+
+DIVERGED = 3.0  # a cycle whose mean counts per pattern are off the raw cube's by more than this factor
+
+
+def check_cycle(paths: RunPaths, info: dict, c: int, totals: np.ndarray, out: zarr.Array) -> None:
+    """Rank 0: stop the run if cycle ``c``'s cube is not in counts (non-finite, or its mean counts per pattern
+    off the raw cube's by more than ``DIVERGED``x). Its array stays without ``complete``: it is never fused,
+    exported or fed to the next cycle."""
+    raw_mean = info.get("mean_counts")
+    if raw_mean is None:  # runs of earlier versions
+        raw_mean = info["mean_counts"] = float(da.from_zarr(info["raw"]).astype(np.float64).sum(axis=(2, 3)).mean())
+    mean = float(totals.mean())
+    ratio = mean / raw_mean if raw_mean > 0 else float("nan")
+    if not np.isfinite(totals).all() or not (1 / DIVERGED <= ratio <= DIVERGED):
+        out.attrs.update({COMPLETE: False, "diverged": True, "mean_counts": mean})
+        raise InputError(f"cycle {c} diverged: its patterns hold {mean:.4g} counts on average where the raw cube "
+                         f"holds {raw_mean:.4g}; {out.path or paths.cycle(c).name} is left incomplete and unused. "
+                         "Train longer (train.epochs), lower train.lr, or shorten train.warmup_epochs")
+    log.info("cycle %d: %.4g counts per pattern on average (raw %.4g)", c, mean, raw_mean)
 
 
 def finish(paths: RunPaths, config: Config, raw: zarr.Array, reference: str | Path | None) -> None:

@@ -12,9 +12,9 @@ from .. import config as cfg
 from ..console import bar
 from ..data.tiles import Grid
 from ..errors import InputError
-from ..io.checks import check_values
+from ..io.checks import check_chunks, check_values
 from ..io.zarr_store import create_cube, default_tile, open_cube
-from ..layout import CONFIG, RunPaths, mark_complete
+from ..layout import COMPLETE, CONFIG, RunPaths, mark_complete, require_complete
 from ..train.module import Denoiser
 from . import hardware
 from . import ranks as rk
@@ -49,10 +49,12 @@ def predict(source: str | Path, input_path: str | Path, output: str | Path, *, d
         if output.exists():
             raise InputError(f"output {output} already exists; remove it or choose another path")
         raw = open_cube(input_path, dataset)
+        require_complete(raw, str(input_path))
+        check_chunks(raw, str(input_path))
         check_values(raw, str(input_path))
         whole = tuple(raw.chunks[2:]) == tuple(raw.shape[2:])
         tile = tuple(raw.chunks[:2]) if whole else default_tile(raw.shape)
-        create_cube(output, None, tuple(raw.shape), tile, attrs={"weights": str(weights.resolve())})
+        create_cube(output, None, tuple(raw.shape), tile, attrs={COMPLETE: False, "weights": str(weights.resolve())})
 
     rk.run_on_main(create, ranks)
     raw = open_cube(input_path, dataset)

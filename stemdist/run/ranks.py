@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -91,8 +93,54 @@ def run_on_main(fn, ranks: Ranks):
     return result
 
 
-def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run this command again under torchrun with ``nproc`` processes on this node."""
+def die_with_parent() -> None:
+    """Linux: end this process (SIGKILL, as its parent's) when its parent dies, so that a killed launcher leaves no rank
+    training on its own. Called in every torchrun rank and in the torchrun of a self-launch."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the line above
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*?(?:\((SIG\w+)\))?\s*\n", re.S)
+
+
+def relaunch(nproc: int, argv: list[str], debug: bool = False) -> int:
+    """Run this command again under torchrun with ``nproc`` processes on this node.
+
+    The ranks' output passes through; torchrun's own report of a failed rank (a traceback and a table) is
+    replaced by one line naming the rank and the cause. torchrun stops the other ranks within seconds.
+    """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "stemdist", *argv]
-    return subprocess.call(cmd)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # no torchrun banner
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=die_with_parent)
+    report: list[str] = []  # torchrun's report of a failed rank
+    echoes: list[str] = []  # tracebacks torch prefixes with [rankN]: (the survivors' lost connections)
+    for line in proc.stderr:
+        if report or (" torch/distributed/elastic/" in line and line[:1] in "EW" and "failed" in line):
+            report.append(line)
+        elif line.startswith("[rank") and not debug:
+            echoes.append(line)
+        elif debug or " torch/distributed/elastic/" not in line:
+            sys.stderr.write(line)
+    rc = proc.wait()
+    if rc == 0:
+        return 0
+    text = "".join(report)
+    if debug:
+        sys.stderr.write(text)
+    cause = ROOT_CAUSE.search(text.split("Root Cause", 1)[-1])
+    if cause is None:
+        sys.stderr.write("".join(echoes))
+        return rc
+    rank, code, sig = int(cause.group(1)), int(cause.group(2)), cause.group(3)
+    if code in (2, 130):  # the rank has said why in its own line
+        return code
+    why = f"was killed by {sig}" if sig else f"exited with status {code}"
+    print(f"stemdist: error: rank {rank} {why}; the other ranks were stopped. Continue with --resume",
+          file=sys.stderr)
+    return 2

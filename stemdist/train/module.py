@@ -10,6 +10,12 @@ from .losses import poisson_loss, warmup_loss
 from .model import UNet
 
 
+def warmup_epochs(train: TrainConfig) -> int:
+    """Warm-up epochs actually run: at most half the cycle's epochs, so that every schedule ends on the
+    Poisson loss, whose output is in counts (the z-normalised warm-up leaves the scale free)."""
+    return min(train.warmup_epochs, train.epochs // 2)
+
+
 class Denoiser(pl.LightningModule):
     def __init__(self, model: ModelConfig, train: TrainConfig, channels_last: bool = False):
         super().__init__()
@@ -19,6 +25,7 @@ class Denoiser(pl.LightningModule):
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         object.__setattr__(self, "_forward", self.net)  # not a submodule: state dicts stay plain
+        self.counts_matched = False  # whether this cycle's Poisson phase has put the output in counts
 
     def compile_net(self) -> None:
         object.__setattr__(self, "_forward", torch.compile(self.net))
@@ -29,10 +36,12 @@ class Denoiser(pl.LightningModule):
         return self._forward(x)
 
     def in_warmup(self) -> bool:
-        return self.current_epoch < self.train_cfg.warmup_epochs
+        return self.current_epoch < warmup_epochs(self.train_cfg)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        if not self.in_warmup() and self.train_cfg.match_counts and not self.counts_matched:
+            self.match_counts(x, y)
         pred = self(x).float()
         if self.in_warmup():
             loss = warmup_loss(pred, y)
@@ -41,6 +50,31 @@ class Denoiser(pl.LightningModule):
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
                  batch_size=len(x))
         return loss
+
+    @torch.no_grad()
+    def match_counts(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Put the output in counts before the first Poisson step: scale the head so the batch's mean
+        prediction equals its mean target (the output is squared, so by the square root of the ratio;
+        averaged over ranks). The z-normalised warm-up leaves the scale free, and a few Poisson epochs
+        cannot move it by the orders of magnitude that may be needed."""
+        ratio = y.float().mean() / self(x).float().mean().clamp(min=1e-12)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(ratio)
+            ratio /= torch.distributed.get_world_size()
+        if torch.isfinite(ratio) and ratio > 0:
+            head = self.net.head
+            head.weight.mul_(ratio.sqrt())
+            head.bias.mul_(ratio.sqrt())
+        self.counts_matched = True
+
+    def on_train_start(self) -> None:
+        self.counts_matched = not self.in_warmup() and self.counts_matched
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["counts_matched"] = self.counts_matched
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.counts_matched = bool(checkpoint.get("counts_matched", False))
 
     def on_train_epoch_start(self) -> None:
         dataset = self.trainer.train_dataloader.dataset

@@ -15,11 +15,12 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from .. import console
+from .. import console, faults
 from ..config import Config
 from ..data.dataset import NeighbourPatches, split_group
+from ..errors import InputError
 from ..layout import RunPaths, append_loss, cycle_name
-from .module import Denoiser
+from .module import Denoiser, warmup_epochs
 
 if TYPE_CHECKING:  # the run stage decides the hardware and the ranks; training only receives them
     from ..run.ranks import Ranks
@@ -74,6 +75,7 @@ class LossLog(Callback):
         self.t0 = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        faults.point(f"train:{self.cycle}:{trainer.current_epoch}")
         if trainer.global_rank != 0 or "loss_epoch" not in trainer.callback_metrics:
             return
         append_loss(self.path, {"cycle": self.cycle, "epoch": trainer.current_epoch,
@@ -101,6 +103,7 @@ def loggers(paths: RunPaths, cycle: int) -> list:
 def trainer(config: Config, ranks: Ranks, paths: RunPaths, cycle: int, accelerator: str,
             precision: str) -> pl.Trainer:
     """Lightning's Trainer for one cycle (DDP over the ranks when there are several)."""
+    console.quiet_libraries()
     devices, num_nodes = (ranks.local_world_size, ranks.num_nodes) if ranks.world_size > 1 else (1, 1)
     strategy = config.hardware.strategy
     if strategy == "auto" and ranks.world_size > 1:
@@ -137,11 +140,20 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
         shuffle_tiles=c.data.shuffle_tiles, cache_chunks=c.data.cache_chunks, num_workers=c.data.num_workers,
         seed=c.train.seed, cycle=cycle, rank=ranks.rank, world_size=ranks.world_size)
     plan = dataset.plan(0)
+    if ranks.is_main and warmup_epochs(c.train) < c.train.warmup_epochs:
+        log.info("cycle %d: warm-up shortened from %d to %d of %d epochs, so that training ends on the Poisson "
+                 "loss", cycle, c.train.warmup_epochs, warmup_epochs(c.train), c.train.epochs)
     if ranks.is_main:
         log.info("cycle %d: blend beta %.3f, %d samples per epoch, %d batches of %d per rank, %d repeated samples "
                  "to even out %d shards", cycle, beta if den else 0.0, plan.total, len(dataset), c.train.batch_size,
                  plan.repeats, dataset.n_shards)
     ckpt = paths.checkpoints(cycle) / "last.ckpt"
+    if ckpt.exists():
+        try:
+            torch.load(ckpt, map_location="cpu", weights_only=False)
+        except Exception as exc:  # torn by a kill or a full disk
+            raise InputError(f"checkpoint {ckpt} is unreadable ({type(exc).__name__}); delete it and --resume again: "
+                             f"cycle {cycle} then restarts from its first epoch") from None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*IterableDataset.*__len__.*")

@@ -1,0 +1,204 @@
+"""Fault injection with real processes: kill -9 at every stage then --resume, concurrent runs, killed launchers
+and ranks, broken inputs and short schedules. Every failure is one line and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from stemdist.quality.metrics import relative_rmse
+
+from .conftest import SMOKE, run_cli
+
+QUICK = [*SMOKE, "--cycles", "1", "--epochs", "2", "--set", "data.tile=4"]  # 3 x 3 tiles of the small cube
+
+
+def one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("stemdist: error:"), proc.stderr
+    assert needle in lines[0], lines[0]
+
+
+def final_of(run: Path) -> np.ndarray:
+    return zarr.open_array(str(run / "denoised.zarr" / "final"), mode="r")[...]
+
+
+@pytest.fixture(scope="module")
+def npy_input(small_cube, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("faults") / "cube.npy"
+    np.save(path, zarr.open_array(str(small_cube / "noisy"), mode="r")[...])
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(npy_input, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("faults") / "whole"
+    run_cli("denoise", str(npy_input), "--out", str(run), *QUICK)
+    return run
+
+
+@pytest.mark.parametrize("fault", ["convert", "train:1:1", "infer:2", "final:1"])
+def test_kill_9_then_resume_reaches_the_uninterrupted_cube(fault, npy_input, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    killed = run_cli("denoise", str(npy_input), "--out", str(run), *QUICK, env={"STEMDIST_FAULT": fault},
+                     check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    if fault.startswith("final"):  # an incomplete cube is never passed on
+        one_line_error(run_cli("export", str(run), str(tmp_path / "x.npy"), check=False), "incomplete")
+        assert not (tmp_path / "x.npy").exists()
+    run_cli("denoise", str(npy_input), "--out", str(run), *QUICK, "--resume")
+    np.testing.assert_allclose(final_of(run), final_of(uninterrupted), rtol=1e-4, atol=1e-4)
+    assert not (run / ".lock").exists()
+
+
+def test_interrupted_conversion_is_redone_by_a_fresh_run(npy_input, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    run_cli("denoise", str(npy_input), "--out", str(run), *QUICK, env={"STEMDIST_FAULT": "convert"}, check=False)
+    assert (run / "input.zarr.partial").exists() and not (run / "run.json").exists()
+    run_cli("denoise", str(npy_input), "--out", str(run), *QUICK)  # not a dead end, with or without --resume
+    np.testing.assert_allclose(final_of(run), final_of(uninterrupted), rtol=1e-4, atol=1e-4)
+
+
+def test_torn_checkpoint_is_one_line(npy_input, tmp_path):
+    run = tmp_path / "run"
+    run_cli("denoise", str(npy_input), "--out", str(run), *QUICK, env={"STEMDIST_FAULT": "train:1:1"}, check=False)
+    ckpt = run / "checkpoints" / "cycle_01" / "last.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    one_line_error(run_cli("denoise", str(npy_input), "--out", str(run), *QUICK, "--resume", check=False),
+                   "last.ckpt is unreadable")
+
+
+def test_a_second_run_in_the_same_dir_is_refused(small_cube, tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "stemdist", "denoise", str(small_cube / "noisy"), "--out",
+                              str(run), *SMOKE, "--epochs", "20"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        for _ in range(300):
+            if (run / "run.json").exists():
+                break
+            time.sleep(0.05)
+        second = run_cli("denoise", str(small_cube / "noisy"), "--out", str(run), *SMOKE, "--epochs", "20", "--resume",
+                         check=False)
+        one_line_error(second, "in use by another stemdist run")
+        assert f"PID {first.pid}" in second.stderr
+    finally:
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert not (run / ".lock").exists()
+    rows = (run / "logs" / "losses.csv").read_text().splitlines()[1:]
+    assert len(rows) == len({tuple(r.split(",")[:2]) for r in rows}) == 40  # no interleaved or repeated epochs
+
+
+def test_a_stale_lock_is_taken_over(small_cube, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "then"}))
+    run_cli("denoise", str(small_cube / "noisy"), "--out", str(run), *QUICK)
+    assert (run / "denoised.zarr" / "final").exists() and not (run / ".lock").exists()
+
+
+def _live(marker: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_killed_launcher_leaves_no_live_rank(small_cube, tmp_path):
+    run = tmp_path / "orphans"
+    launcher = subprocess.Popen([sys.executable, "-m", "stemdist", "denoise", str(small_cube / "noisy"), "--out",
+                                 str(run), *SMOKE, "--devices", "2", "--epochs", "30"], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    for _ in range(600):  # until both ranks train
+        if (run / "logs" / "losses.csv").exists():
+            break
+        time.sleep(0.1)
+    assert len(_live(str(run))) >= 3  # stemdist, torchrun, 2 ranks
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    deadline = time.time() + 20
+    while _live(str(run)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _live(str(run)) == []
+
+
+def test_a_dead_rank_ends_the_run_in_one_line_and_it_resumes(small_cube, tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("denoise", str(small_cube / "noisy"), "--out", str(run), *SMOKE, "--devices", "2",
+                   env={"STEMDIST_FAULT": "train:1:1", "STEMDIST_FAULT_RANK": "1"}, check=False)
+    one_line_error(proc, "rank 1 was killed by SIGKILL")
+    run_cli("denoise", str(small_cube / "noisy"), "--out", str(run), *SMOKE, "--devices", "2", "--resume")
+    assert zarr.open_array(str(run / "denoised.zarr" / "final"), mode="r").attrs["complete"] is True
+
+
+def test_missing_input_chunk_is_refused(small_cube, tmp_path):
+    cube = tmp_path / "holey.zarr"
+    shutil.copytree(small_cube / "noisy", cube)
+    chunk = cube / "c" / "1" / "0" / "0" / "0"
+    assert chunk.exists()
+    chunk.unlink()
+    proc = run_cli("denoise", str(cube), "--out", str(tmp_path / "run"), *QUICK, check=False)
+    one_line_error(proc, "1 of 9 chunks are missing (first at scan y 4-7, x 0-3)")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("schedule", [["--epochs", "1"], ["--epochs", "2", "--cycles", "2"]])
+def test_short_schedules_give_counts(schedule, small_cube, tmp_path):
+    """The default configuration (4 warm-up epochs) in a hurry: every cycle ends on the Poisson loss."""
+    run = tmp_path / "run"
+    run_cli("denoise", str(small_cube / "noisy"), "--out", str(run), "--quiet", "--set", "model.base_width=8",
+            "--set", "data.num_workers=0", "--accelerator", "cpu", "--batch-size", "16", *schedule)
+    truth = zarr.open_array(str(small_cube / "truth"), mode="r")
+    raw = zarr.open_array(str(small_cube / "noisy"), mode="r")
+    assert relative_rmse(final_of(run), truth) < 0.5 * relative_rmse(raw, truth)
+    assert "warm-up shortened" in (run / "stemdist.log").read_text()
+
+
+def test_a_diverged_cycle_stops_the_run(small_cube, tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("denoise", str(small_cube / "noisy"), "--out", str(run), *QUICK, "--set", "train.lr=30",
+                   check=False)
+    one_line_error(proc, "cycle 1 diverged")
+    cycle = zarr.open_array(str(run / "denoised.zarr" / "cycle_01"), mode="r")
+    assert cycle.attrs["complete"] is False and not (run / "denoised.zarr" / "final").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["denoise", "{cube}", "--out", "/dev/null/run"], "Not a directory"),
+    (["export", "{cube}", "/dev/null/x.npy"], "Not a directory"),
+    (["denoise", "{text}", "--out", "{tmp}/r"], "not a NumPy .npy file"),
+])
+def test_failures_are_one_line(args, needle, small_cube, tmp_path):
+    text = tmp_path / "notes.npy"
+    text.write_text("scan notes, not an array\n")
+    fill = {"cube": str(small_cube / "noisy"), "text": str(text), "tmp": str(tmp_path)}
+    one_line_error(run_cli(*[a.format(**fill) for a in args], check=False), needle)
+
+
+def test_demo_reruns_cleanly(tmp_path):
+    for _ in range(2):
+        proc = run_cli("demo", "--out", str(tmp_path / "demo"))
+        assert "relative RMSE against truth" in proc.stdout
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "data.txt").write_text("not the demo's")
+    one_line_error(run_cli("demo", "--out", str(tmp_path / "mine"), check=False), "owns its folder")
