@@ -14,6 +14,7 @@ HEADLINES = {
     "infer": r"infer ratio (\d+\.\d+) \(goal >= 0\.8\)",
     "train": r"train data-wait (\d+\.\d+)% \(goal <= 5%\)",
     "memory": r"memory growth (-?\d+\.\d+)% \(goal <= 10%\)",
+    "gpu": r"gpu checks: (\d+) passed, (\d+) skipped, 0 failed on .+",
 }
 
 
@@ -43,6 +44,11 @@ def test_bench_smoke_figures(name, tmp_path):
     elif name == "infer":  # the full pass writes every pattern, and cannot beat forward passes alone
         assert _row(lines, "inference pass")[1] == "64"
         assert 0 < value <= 1.2
+    elif name == "gpu":  # bf16 vs fp32 and torchrun pass here; compile runs only on CUDA
+        assert value >= 2 and _row(lines, "bf16-mixed vs 32-bit final cube")[2] == "ok"
+        assert _row(lines, "exit status 0")[2] == "ok"  # torchrun with one process
+        speed = _row(lines, "16x16")
+        assert float(speed[1].replace(",", "")) > 0 and float(speed[3].replace(",", "")) > 0
     elif name == "train":
         assert 0 <= value < 100 and float(_row(lines, "1")[1].replace(",", "")) > 0
     else:  # memory is set by the configuration: a 4x larger cube must not grow the peak by a third

@@ -16,6 +16,8 @@ BENCHMARKS = {  # name -> (module, one-line help)
     "loader": ("loader", "Zarr tile loader vs the reference's in-memory per-sample gather (samples/s)"),
     "infer": ("infer", "inference pass (read, predict, write) vs forward passes alone, and per pattern"),
     "train": ("train", "training samples/s per device and the fraction of step time waiting for data"),
+    "gpu": ("gpu", "the GPU path in one call: bf16/compile/torchrun checks, training and inference speed per "
+                   "detector size against the bf16 ceiling, loader decode rate (--smoke: CPU form)"),
     "memory": ("memory", "peak RSS of `stemdist denoise` on synthetic cubes of growing size (GBs on disk)"),
 }
 

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .ranks import Ranks
 
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+AUTOCAST_NAMES = {v: k for k, v in AUTOCAST.items()}
 
 
 def use_cuda(config: Config) -> bool:
