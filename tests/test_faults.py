@@ -83,8 +83,8 @@ def test_torn_checkpoint_is_one_line(npy_input, tmp_path):
 def test_a_second_run_in_the_same_dir_is_refused(small_cube, tmp_path):
     run = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "stemdist", "denoise", str(small_cube / "noisy"), "--out",
-                              str(run), *SMOKE, "--epochs", "20"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                              str(run), *SMOKE, "--epochs", "20"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     try:
         for _ in range(300):
             if (run / "run.json").exists():
@@ -202,3 +202,20 @@ def test_demo_reruns_cleanly(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "data.txt").write_text("not the demo's")
     one_line_error(run_cli("demo", "--out", str(tmp_path / "mine"), check=False), "owns its folder")
+
+
+def test_command_line_starts_without_torch():
+    """`stemdist --help` and `info` import no torch, Lightning or dask up front (they took ~10 s)."""
+    code = ("import sys, stemdist.cli as c; c.build_parser(); "
+            "print(sorted({'torch', 'dask', 'pytorch_lightning'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_predict_refuses_an_incomplete_cube(npy_input, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    run_cli("denoise", str(npy_input), "--out", str(run), *QUICK, env={"STEMDIST_FAULT": "final:1"}, check=False)
+    proc = run_cli("predict", str(uninterrupted), str(run / "denoised.zarr" / "final"), str(tmp_path / "p.zarr"),
+                   check=False)
+    one_line_error(proc, "incomplete")
+    assert not (tmp_path / "p.zarr").exists()

@@ -13,7 +13,7 @@ import zarr
 from stemdist.io.info import describe, sample_indices
 from stemdist.io.zarr_store import create_cube
 
-from .conftest import SHARED_DATA, SMOKE, run_cli
+from .conftest import SHARED_DATA, run_cli
 
 
 def test_info_zarr_group(small_cube):

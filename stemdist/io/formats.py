@@ -297,20 +297,9 @@ def _read_rsciio(path: Path, key: str | None, plugin: str, what: str) -> tuple[d
 
 
 def _read_zarr(path: Path, key: str | None) -> da.Array:
-    import zarr
+    from .zarr_store import open_cube  # the one way to pick a group's array
 
-    node = zarr.open(store=str(path), mode="r")
-    if isinstance(node, zarr.Group):
-        arrays = [name for name, a in node.arrays() if a.ndim == 4]
-        if key is None:
-            if len(arrays) != 1:
-                raise InputError(f"{path}: a Zarr group with 4-D arrays {arrays}; "
-                                 "choose one with --dataset KEY")
-            key = arrays[0]
-        if key not in node:
-            raise InputError(f"{path}: no array {key!r} in this Zarr group (it holds {arrays})")
-        node = node[key]
-    return da.from_zarr(node)
+    return da.from_zarr(open_cube(path, key))
 
 
 def open_source(path: str | Path, dataset: str | None = None) -> tuple[da.Array, dict[str, Any]]:

@@ -29,6 +29,7 @@ import zarr
 from scipy import ndimage
 
 from .. import faults
+from ..data.tiles import Grid
 
 TRUNCATE = 3.0  # Gaussian kernels are cut at 3 sigma
 CANDIDATES = np.arange(0.0, 4.01, 0.25)  # scan sigmas tried by SURE, in probe positions
@@ -127,9 +128,10 @@ def fuse_into(out: zarr.Array, raw, den, sigma: float, detector_sigma: float = 1
         raise ValueError(f"fuse: raw {raw.shape}, denoised {den.shape} and output {out.shape} differ in shape")
     if sigma < 0 or detector_sigma < 0:
         raise ValueError(f"fuse: sigmas must be >= 0, got {sigma} and {detector_sigma}")
-    nx = -(-out.shape[1] // out.chunks[1])
+    grid = Grid.of(out)
+    nx = grid.shape[1]
     if chunks is None:
-        chunks = range(-(-out.shape[0] // out.chunks[0]) * nx)
+        chunks = range(grid.n_tiles)
     if threads is None:
         threads = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
     with ThreadPoolExecutor(threads) as pool:
