@@ -185,7 +185,7 @@ def test_a_diverged_cycle_stops_the_run(small_cube, tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["denoise", "{cube}", "--out", "/dev/null/run"], "Not a directory"),
-    (["export", "{cube}", "/dev/null/x.npy"], "Not a directory"),
+    (["export", "{cube}", "/dev/null/x.npy"], "/dev/null is not a folder"),
     (["denoise", "{text}", "--out", "{tmp}/r"], "not a NumPy .npy file"),
 ])
 def test_failures_are_one_line(args, needle, small_cube, tmp_path):

@@ -177,6 +177,9 @@ def export(source: str | Path, output: str | Path, dataset: str | None = None,
            overwrite: bool = False) -> Path:
     """Write the cube in ``source`` (a Zarr cube or a run directory) to ``output``, by its suffix."""
     output = Path(output)
+    existing = next(p for p in output.parents if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{output}: cannot write there ({existing} is not a folder)")
     suffix = output.suffix.lower()
     if suffix not in EXPORT_SUFFIXES:
         raise InputError(f"{output}: cannot export to {suffix!r} (choose .npy, .h5/.emd for py4DSTEM, "
