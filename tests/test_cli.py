@@ -199,3 +199,18 @@ def test_python_api(tmp_path, small_cube):
                              output={"progress": False})
     assert zarr.open_array(str(paths.final), mode="r").attrs["complete"] is True
     assert json.loads((paths.root / "run.json").read_text())["shape"] == [10, 9, 12, 10]
+
+
+def test_one_grid_for_tiles_and_chunks(small_cube, tmp_path):
+    """An input chunked by scan rows is rechunked into the run (the log says so): training tiles, inference tiles
+    and every output share data.tile's grid."""
+    rows = zarr.create_array(store=str(tmp_path / "rows.zarr"), shape=(10, 9, 12, 10), chunks=(1, 9, 12, 10),
+                             dtype="uint16")
+    rows[:] = zarr.open_array(str(small_cube / "noisy"), mode="r")[...]
+    run = tmp_path / "run"
+    run_cli("denoise", str(tmp_path / "rows.zarr"), "--out", str(run), *SMOKE, "--cycles", "1", "--set",
+            "data.tile=4")
+    assert "rechunked into" in (run / "stemdist.log").read_text()
+    for path in (run / "input.zarr", run / "denoised.zarr" / "cycle_01", run / "denoised.zarr" / "final"):
+        assert zarr.open_array(str(path), mode="r").chunks == (4, 4, 12, 10), path
+    assert zarr.open_array(str(tmp_path / "rows.zarr"), mode="r").chunks == (1, 9, 12, 10)  # input untouched

@@ -22,7 +22,7 @@ from ..io.checks import check_chunks, check_shape, check_values
 from ..io.convert import convert
 from ..io.formats import open_source
 from ..io.zarr_store import create_cube, is_zarr, open_cube
-from ..layout import COMPLETE, LEFTOVERS, RunLock, RunPaths, cycle_name, is_complete, mark_complete
+from ..layout import COMPLETE, LEFTOVERS, RUN_INFO, RunLock, RunPaths, cycle_name, is_complete, mark_complete
 from ..quality.figures import cycle_figure, denoised_figure, run_figures
 from ..quality.metrics import bright_field_mask, virtual_bf_lazy
 from ..train.module import Denoiser
@@ -80,7 +80,7 @@ def _array_path(arr: zarr.Array, given: Path) -> str:
 
 def _interrupted_setup(root: Path) -> bool:
     """A RUN_DIR holding only what an interrupted set-up leaves (no ``run.json`` yet): safe to redo."""
-    return root.is_dir() and not (root / "run.json").exists() and all(p.name in LEFTOVERS for p in root.iterdir())
+    return root.is_dir() and not (root / RUN_INFO).exists() and all(p.name in LEFTOVERS for p in root.iterdir())
 
 
 def prepare(input_path: str | Path, paths: RunPaths, config: Config, dataset: str | None, resume: bool,
@@ -123,14 +123,14 @@ def _set_up(input_path: str | Path, paths: RunPaths, config: Config, dataset: st
         else:
             left.unlink(missing_ok=True)
     arr = open_cube(input_path, dataset) if is_zarr(input_path) else None
-    if arr is not None and fits_grid(arr, config.data.tile):
+    rechunked = None
+    if arr is not None:
         check_chunks(arr, str(input_path))
+    if arr is not None and fits_grid(arr, config.data.tile):
         raw = _array_path(arr, input_path)
     else:
-        if arr is not None:
-            check_chunks(arr, str(input_path))
-            log.info("input chunks %s do not hold whole patterns in tiles of data.tile=%s: rechunking into %s",
-                     tuple(arr.chunks), config.data.tile, paths.input)
+        if arr is not None:  # told in the run's log once it is open
+            rechunked = list(arr.chunks)
         partial = paths.input.with_name(paths.input.name + ".partial")
         convert(input_path, partial, dataset=dataset, tile=config.data.tile, overwrite=True)
         faults.point("convert")
@@ -146,7 +146,7 @@ def _set_up(input_path: str | Path, paths: RunPaths, config: Config, dataset: st
     np.save(paths.bf_mask, mask)
     info = {"input": str(Path(input_path).resolve()), "dataset": dataset, "raw": str(Path(raw).resolve()),
             "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
-            "mean_counts": float(totals)}
+            "mean_counts": float(totals), "rechunked_from": rechunked}
     config.save(paths.config)
     zarr.open_group(str(paths.denoised), mode="a")
     paths.run_info.write_text(json.dumps(info, indent=2))
@@ -183,6 +183,9 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
         setup_logging(paths.log_file)
         log.info("run %s: input %s, shape %s, %d rank(s)", paths.root, info["input"], info["shape"],
                  ranks.world_size)
+        if info.get("rechunked_from"):
+            log.info("input chunks %s did not fit the run's grid (whole patterns, data.tile=%s): rechunked into %s, "
+                     "chunks %s", tuple(info["rechunked_from"]), config.data.tile, paths.input, tuple(info["chunks"]))
     else:
         setup_logging(None, verbose=False)
     raw = zarr.open_array(info["raw"], mode="r")
