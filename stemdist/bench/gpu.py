@@ -47,6 +47,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=3, help="training epochs timed per size (first = warm-up)")
 
 
+def _progress(row: list) -> None:
+    """One line per finished row on stderr, so a run cut short by a lease still shows what it measured."""
+    from ..console import QUIET
+
+    if not QUIET:
+        print("  .. " + " | ".join(str(c) for c in row), file=sys.stderr, flush=True)
+
+
 def ceiling(name: str) -> float | None:
     return next((v for k, v in CEILINGS.items() if k in name), None)
 
@@ -60,6 +68,12 @@ def _denoise(cube: Path, out: Path, sets: list[str], quiet: bool = True) -> np.n
     return zarr.open_array(str(paths.final), mode="r")[...]
 
 
+class _Rows(list):
+    def append(self, row: list) -> None:
+        _progress(row)
+        super().append(row)
+
+
 def correctness(root: Path, cuda: bool, smoke: bool) -> list[list[str]]:
     """Rows: bf16 vs 32-bit, compile vs eager, torchrun with one process."""
     from ..quality.metrics import relative_rmse
@@ -71,7 +85,7 @@ def correctness(root: Path, cuda: bool, smoke: bool) -> list[list[str]]:
     accel = "gpu" if cuda else "cpu"
     base = [f"hardware.accelerator={accel}", "train.cycles=1", f"train.epochs={3 if smoke else 6}",
             "data.num_workers=0"]
-    rows = []
+    rows = _Rows()
     t0 = time.perf_counter()
     f32 = _denoise(cube, root / "run-fp32", base + ["hardware.precision=32"])
     bf16 = _denoise(cube, root / "run-bf16", base + ["hardware.precision=bf16-mixed"])
@@ -194,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     name = torch.cuda.get_device_name(0) if cuda else "CPU"
     peak = ceiling(name)
     bf16 = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
-    rows, speed, feed = [], [], []
+    rows, speed, feed = [], _Rows(), _Rows()
     t_start = time.perf_counter()
     with common.workdir(args.workdir, "stemdist-bench-gpu-") as root:
         rows = correctness(root / "correctness", cuda, args.smoke)
