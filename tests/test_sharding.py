@@ -69,3 +69,45 @@ def test_real_loaders_over_ranks_and_workers_cover_each_position_once(tmp_path):
     assert set(seen) == set(key.values())
     assert sum(seen.values()) - 70 == ds.plan(3).repeats
     assert torch.is_tensor(y)
+
+
+def _identity_cube(path, shape=(12, 12, 3, 3)):
+    data = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    create_cube(path, None, shape, 2, "float32")[...] = data
+    return path
+
+
+@pytest.mark.parametrize("target", ["mix", "raw"])
+def test_reused_worker_buffers_give_the_in_process_batches(tmp_path, target):
+    """A worker refills its shared buffers once Batches has released them: the batches are those made in
+    process (same shard, same order), over several epochs, with and without raw targets."""
+    raw = str(_identity_cube(tmp_path / "raw.zarr"))
+    den = str(_identity_cube(tmp_path / "den.zarr"))
+    kw = dict(batch_size=5, shuffle_tiles=2, num_workers=1, prefetch_factor=1, target=target)
+    worker_ds = NeighbourPatches(raw, den, 0.25, **kw)
+    loader = Batches(DataLoader(worker_ds, batch_size=None, num_workers=1, persistent_workers=True,
+                                prefetch_factor=1), len(worker_ds))
+    for epoch in range(3):
+        worker_ds.set_epoch(epoch)
+        local = NeighbourPatches(raw, den, 0.25, **kw)
+        local.set_epoch(epoch)
+        expected = list(local.batches())
+        got = [(x.clone(), y.clone()) for x, y in loader]
+        assert len(got) == len(expected) == len(worker_ds) > worker_ds._held.shape[1]  # the ring went round
+        for (x, y), (ex, ey) in zip(got, expected, strict=True):
+            assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_a_consumer_that_keeps_every_group_sees_none_overwritten(tmp_path):
+    """Groups never released (a plain DataLoader loop keeping them all) are never reused: the worker takes
+    fresh buffers once its ring is held."""
+    raw = str(_identity_cube(tmp_path / "raw.zarr"))
+    kw = dict(batch_size=4, shuffle_tiles=1, num_workers=1, prefetch_factor=1)
+    ds = NeighbourPatches(raw, **kw)
+    kept = list(DataLoader(ds, batch_size=None, num_workers=1, prefetch_factor=1))
+    local = NeighbourPatches(raw, **kw)
+    expected = list(local)
+    assert len(kept) == len(expected) > ds._held.shape[1]
+    for g, e in zip(kept, expected, strict=True):
+        assert torch.equal(g[0], e[0]) and torch.equal(g[1], e[1])
+    assert int(kept[-1][3][1]) == -1  # the last ones came from fresh buffers

@@ -175,8 +175,9 @@ def training_speed(cube: Path, root: Path, args, width: int, depth: int, workers
     return _one(cube, workers, ns, root)
 
 
-def decode_rate(cube: Path, workers: int, batch: int) -> float:
-    """GB/s of float32 patterns the sharded loader delivers (groups from ``workers`` processes)."""
+def decode_rate(cube: Path, workers: int, batch: int, epochs: int = 3) -> float:
+    """GB/s of float32 patterns the sharded loader delivers (groups from ``workers`` persistent processes,
+    released as the trainer releases them), in the steady state: the first epoch (start-up) is not timed."""
     from torch.utils.data import DataLoader
 
     from ..data.dataset import NeighbourPatches
@@ -184,11 +185,16 @@ def decode_rate(cube: Path, workers: int, batch: int) -> float:
 
     ds = NeighbourPatches(str(cube / "noisy"), None, 0.0, batch_size=batch, num_workers=workers, shuffle_tiles=8)
     loader = DataLoader(ds, batch_size=None, num_workers=workers, worker_init_fn=_worker_init if workers else None,
-                        persistent_workers=False)
-    t0, nbytes = time.perf_counter(), 0
-    for patterns, _, _ in loader:
-        nbytes += patterns.numel() * 4
-    return nbytes / (time.perf_counter() - t0) / 1e9
+                        persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
+    rates = []
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        t0, nbytes = time.perf_counter(), 0
+        for group in loader:
+            nbytes += group[0].numel() * 4
+            ds.release(group)
+        rates.append(nbytes / (time.perf_counter() - t0) / 1e9)
+    return common.median(rates[1:])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -98,7 +98,7 @@ def _one(path, workers: int, args, root) -> dict:
     ds = NeighbourPatches(str(path / "noisy"), str(path / "truth"), args.beta, batch_size=c.train.batch_size,
                           borders=c.data.borders, target=c.train.target, shuffle_tiles=c.data.shuffle_tiles,
                           cache_chunks=c.data.cache_chunks, num_workers=c.data.num_workers, seed=c.train.seed,
-                          cycle=2)
+                          cycle=2, prefetch_factor=c.data.prefetch_factor)
     # split on the device, as in a run
     timed = TimedLoader(loader(ds, conf, lambda: module.device, pin_memory=hardware.use_cuda(conf)))
     run_dir = root / f"run-w{workers}"

@@ -7,6 +7,11 @@ to end in one stream. Shard ``s`` of ``S = world_size x workers`` takes stream p
 stream. So every sample is visited once per epoch, each shard yields exactly ``N`` full batches (no DDP
 hang), and the ``S·N·B - total`` extra samples wrap to the start of the stream. Each worker mixes the
 samples of ``shuffle_tiles`` tiles at a time.
+
+A loader worker fills its groups into a ring of shared-memory buffers that it reuses once the consumer
+has released them (:meth:`NeighbourPatches.release`, called by the trainer's ``Batches``): a fresh shared
+buffer per group costs a page fault per 4 kB and held a worker to ~1 GB/s. A buffer that is not yet released
+is never overwritten: the worker takes a fresh one instead (slower, never wrong).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .tiles import BlockReader, Borders, Grid, flat_index, tile_positions
 
 BAND = 4  # tile columns per band of the epoch's walk
+RING_SPARE = 3  # shared buffers per worker beyond its prefetched groups: one being filled, one held, one pinning
 Segment = tuple[int, int, int]  # (tile, first sample, end sample) in the tile's raster order
 
 
@@ -76,7 +82,7 @@ def plan_shards(counts: np.ndarray, order: np.ndarray, n_shards: int, batch_size
     return ShardPlan(segments, batches, total, n_shards * per_shard - total)
 
 
-Group = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Group = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def split_group(group: Group) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -85,7 +91,7 @@ def split_group(group: Group) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     Runs where the group's tensors are: after one copy to the GPU, the 9x larger neighbour stacks are
     built there by indexing, and never cross the host-device link.
     """
-    patterns, index, targets = group
+    patterns, index, targets = group[:3]
     for b in range(len(index)):
         x = patterns[index[b, :, :8]]
         y = patterns[index[b, :, 8]] if targets.numel() == 0 else targets[b]
@@ -93,19 +99,21 @@ def split_group(group: Group) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 
 class NeighbourPatches(IterableDataset):
-    """Yields groups of training batches, each ``(patterns (U, P, Q), index (n, B, 9), targets)``.
+    """Yields groups of training batches, each ``(patterns (U, P, Q), index (n, B, 9), targets, buffer)``.
 
     ``patterns`` are the halo blocks of ``shuffle_tiles`` tiles, flattened (each pattern once);
     ``index[b]`` holds, per sample of batch ``b``, the rows of its 8 neighbours and its centre;
     :func:`split_group` turns a group into ``n`` batches of ready tensors. ``raw`` and ``den`` are Zarr
     array paths; the training cube is ``(1 - beta) raw + beta den``, computed on the fly. Targets are the
     centres of the same blend (``target="mix"``, ``targets`` empty) or of ``raw`` (``targets`` (n, B, P, Q)).
+    ``buffer`` names the worker's shared buffer holding ``patterns`` and ``targets``: hand it to
+    :meth:`release` once the group is used up.
     """
 
     def __init__(self, raw: str, den: str | None = None, beta: float = 0.0, *, batch_size: int = 32,
                  borders: Borders = "reflect", target: str = "mix", shuffle_tiles: int = 4,
                  cache_chunks: int = 24, num_workers: int = 0, seed: int = 0, cycle: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, prefetch_factor: int = 2):
         super().__init__()
         self.raw, self.den, self.beta = str(raw), None if den is None else str(den), float(beta)
         arr = zarr.open_array(self.raw, mode="r")
@@ -116,13 +124,18 @@ class NeighbourPatches(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.counts = self.grid.sample_counts(borders)
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()  # seen by persistent workers
+        # per worker, which of its reusable buffers the consumer still holds (set by workers, cleared by release)
+        self._held = torch.zeros(max(1, num_workers), prefetch_factor + RING_SPARE, dtype=torch.int8).share_memory_()
+        self._ring: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # a worker's own buffers
 
     @property
     def n_shards(self) -> int:
         return self.world_size * max(1, self.num_workers)
 
     def set_epoch(self, epoch: int) -> None:
+        """Before an epoch: every group of the last one is used up, so every buffer is free again."""
         self._epoch[0] = epoch
+        self._held.zero_()
 
     def plan(self, epoch: int) -> ShardPlan:
         order = epoch_order(self.grid, self.seed, self.cycle, epoch)
@@ -136,6 +149,39 @@ class NeighbourPatches(IterableDataset):
         """This process's batches, split here (single process, CPU: tests and tools)."""
         for group in self:
             yield from split_group(group)
+            self.release(group)
+
+    def release(self, group: Group) -> None:
+        """The consumer is done with ``group``: its worker may refill the buffer that holds it."""
+        worker, slot = (int(v) for v in group[3])
+        if slot >= 0:
+            self._held[worker, slot] = 0
+
+    def _buffers(self, worker: int | None, n_patterns: int, n_batches: int, P: int, Q: int
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Buffers for a group's patterns and (``target="raw"``) targets, and their ring slot: in a loader
+        worker a released buffer of its ring (made once, at the largest group's size) or, when the consumer
+        holds them all, fresh shared memory (slot -1); in the main process plain memory (slot -1)."""
+        raw_targets = self.target == "raw" and self.den is not None and self.beta != 0.0
+        if worker is None:  # numpy's allocation: huge pages, far fewer page faults than torch.empty
+            return (torch.from_numpy(np.empty((n_patterns, P, Q), np.float32)),
+                    torch.from_numpy(np.empty((n_batches, self.batch_size, P, Q), np.float32))
+                    if raw_targets else None, -1)
+        free = torch.nonzero(self._held[worker] == 0)
+        if len(free) == 0:
+            return (torch.empty((n_patterns, P, Q)).share_memory_(),
+                    torch.empty((n_batches, self.batch_size, P, Q)).share_memory_() if raw_targets else None, -1)
+        slot = int(free[0])
+        if not self._ring:
+            self._ring = [None] * self._held.shape[1]
+        if self._ring[slot] is None:  # the largest group: all its tiles' blocks plus a carried partial batch
+            g, B = self.grid, self.batch_size
+            most = self.shuffle_tiles * (g.ty + 2) * (g.tx + 2) + 9 * (B - 1)
+            self._ring[slot] = (torch.empty((most, P, Q)).share_memory_(),
+                                torch.empty((-(-most // B), B, P, Q)).share_memory_() if raw_targets else None)
+        self._held[worker, slot] = 1
+        pat, tgt = self._ring[slot]
+        return pat[:n_patterns], None if tgt is None else tgt[:n_batches], slot
 
     def _readers(self) -> tuple[BlockReader, BlockReader | None]:
         raw = zarr.open_array(self.raw, mode="r")
@@ -152,9 +198,9 @@ class NeighbourPatches(IterableDataset):
         shard = self.rank * max(1, self.num_workers) + worker
         segments = self.plan(epoch).segments[shard]
         rng = np.random.default_rng([self.seed, self.cycle, epoch, shard, 1])
-        yield from self._groups(segments, rng, shared=info is not None)
+        yield from self._groups(segments, rng, None if info is None else worker)
 
-    def _groups(self, segments: list[Segment], rng: np.random.Generator, shared: bool) -> Iterator[Group]:
+    def _groups(self, segments: list[Segment], rng: np.random.Generator, worker: int | None) -> Iterator[Group]:
         """Groups of ``shuffle_tiles`` tiles, their samples shuffled together; the samples that do not fill
         a last batch are carried (as their 9 patterns) into the next group, so every batch is full."""
         mix, target = self._readers()
@@ -166,19 +212,8 @@ class NeighbourPatches(IterableDataset):
         for g0 in range(0, len(segments), self.shuffle_tiles):
             group = segments[g0:g0 + self.shuffle_tiles]
             n_blocks = len(group) * slot[0] * slot[1]
-            # one buffer: the group's halo blocks, then the carried samples' patterns; in shared memory
-            # when made in a loader worker (the DataLoader then passes it on without another copy)
-            shape = (n_blocks + carry.size // (P * Q), P, Q)
-            if shared:
-                patterns = torch.empty(shape, dtype=torch.float32).share_memory_()
-            else:  # numpy's allocation: huge pages, far fewer page faults than torch.empty
-                patterns = torch.from_numpy(np.empty(shape, dtype=np.float32))
-            buf = patterns.numpy()
-            blocks = buf[:n_blocks].reshape(len(group), *slot, P, Q)
-            buf[n_blocks:] = carry.reshape(-1, P, Q)
             k, i, j = [], [], []
             for n, (t, a, b) in enumerate(group):
-                mix.block(t, blocks[n])
                 ti, tj = tile_positions(g, t, self.borders)
                 i.append(ti[a:b])
                 j.append(tj[a:b])
@@ -187,21 +222,29 @@ class NeighbourPatches(IterableDataset):
             perm = rng.permutation(len(k))
             index = flat_index(k[perm], i[perm], j[perm], slot)
             index = np.concatenate([n_blocks + np.arange(carry.shape[0] * 9).reshape(-1, 9), index])
+            full = len(index) // B * B
+            # one buffer: the group's halo blocks, then the carried samples' patterns (shared memory in a
+            # loader worker: the DataLoader passes it on without another copy)
+            patterns, targets, ring = self._buffers(worker, n_blocks + carry.shape[0] * 9, full // B, P, Q)
+            buf = patterns.numpy()
+            blocks = buf[:n_blocks].reshape(len(group), *slot, P, Q)
+            buf[n_blocks:] = carry.reshape(-1, P, Q)
+            for n, (t, _, _) in enumerate(group):
+                mix.block(t, blocks[n])
+            rest = index[full:]
+            carry = buf[rest]
             if target is not None:
                 tblocks = np.empty_like(blocks)
                 for n, (t, _, _) in enumerate(group):
                     target.block(t, tblocks[n])
-                centres = tblocks.reshape(-1, P, Q)[index[len(carry):, 8]]
-                targets = np.concatenate([carry_t, centres])
-            full = len(index) // B * B
-            rest = index[full:]
-            carry = buf[rest]
-            if target is not None:
-                carry_t = targets[full:]
+                centres = np.concatenate([carry_t, tblocks.reshape(-1, P, Q)[index[len(carry_t):, 8]]])
+                targets.numpy().reshape(-1, P, Q)[:] = centres[:full]
+                carry_t = centres[full:]
+            tag = torch.tensor([-1 if worker is None else worker, ring])
             if full == 0:
+                self.release((patterns, None, None, tag))
                 continue
-            tt = (torch.from_numpy(targets[:full].reshape(-1, B, P, Q)) if target is not None
-                  else torch.zeros(0))
-            yield patterns, torch.from_numpy(index[:full].reshape(-1, B, 9)), tt
+            yield patterns, torch.from_numpy(index[:full].reshape(-1, B, 9)), \
+                (targets if targets is not None else torch.zeros(0)), tag
         if len(carry):
             raise RuntimeError(f"shard ended with a partial batch of {len(carry)} samples")

@@ -51,7 +51,8 @@ class Batches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for group in self.groups:
             device = self.device()
-            yield from split_group(tuple(t.to(device, non_blocking=True) for t in group))
+            yield from split_group(tuple(t.to(device, non_blocking=True) for t in group[:3]))
+            self.dataset.release(group)  # its batches are made (on the device, or copied out on a CPU)
 
 
 def loader(dataset: NeighbourPatches, config: Config, device: Callable[[], torch.device] | None = None,
@@ -138,7 +139,8 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
     dataset = NeighbourPatches(
         raw, den, beta, batch_size=c.train.batch_size, borders=c.data.borders, target=c.train.target,
         shuffle_tiles=c.data.shuffle_tiles, cache_chunks=c.data.cache_chunks, num_workers=c.data.num_workers,
-        seed=c.train.seed, cycle=cycle, rank=ranks.rank, world_size=ranks.world_size)
+        seed=c.train.seed, cycle=cycle, rank=ranks.rank, world_size=ranks.world_size,
+        prefetch_factor=c.data.prefetch_factor)
     plan = dataset.plan(0)
     if ranks.is_main and warmup_epochs(c.train) < c.train.warmup_epochs:
         log.info("cycle %d: warm-up shortened from %d to %d of %d epochs, so that training ends on the Poisson "
