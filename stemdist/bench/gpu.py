@@ -38,12 +38,16 @@ CEILINGS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4"
             "A10": 125e12, "V100": 125e12}  # dense bf16 (V100: fp16) tensor FLOP/s, by device name
 
 
+CAMERA = (87_000, 576)  # a 4D Camera's patterns/s and pattern edge
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_common(p, "CPU-sized cubes and network (CI; what runs where there is no CUDA)")
     p.add_argument("--dets", type=int, nargs="+", default=[64, 128, 256], help="detector edges to time")
-    p.add_argument("--scan", type=int, default=32, help="scan edge of the timed cubes")
+    p.add_argument("--scan", type=int, default=64, help="scan edge of the timed cubes")
     p.add_argument("--batch-size", type=int, default=64, help="training and inference batch size")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="loader workers to time")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4],
+                   help="loader workers to time (training uses the most of them)")
     p.add_argument("--epochs", type=int, default=3, help="training epochs timed per size (first = warm-up)")
 
 
@@ -158,7 +162,8 @@ def inference_speed(cube: Path, out: Path, module, device: torch.device, batch: 
         sync()
 
     def full_pass() -> None:
-        infer(module, raw, None, 0.0, target, borders="reflect", batch_size=batch, device=device, autocast=dtype)
+        infer(module, raw, None, 0.0, target, borders="reflect", batch_size=batch, device=device, autocast=dtype,
+              threads=hardware.io_threads())
         sync()
 
     forward_only()  # warm-up (cuDNN autotuning, allocations)
@@ -214,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
     name = torch.cuda.get_device_name(0) if cuda else "CPU"
     peak = ceiling(name)
     bf16 = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+    if cuda:
+        hardware.cuda_flags()
     rows, speed, feed = [], _Rows(), _Rows()
     t_start = time.perf_counter()
     with common.workdir(args.workdir, "stemdist-bench-gpu-") as root:
@@ -224,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
                               channels_last=cuda).to(device).eval()
             flops = flops_per_pattern(module, det, device)
             inf = inference_speed(cube, root / f"infer-{det}.zarr", module, device, args.batch_size, bf16)
-            tr = training_speed(cube, root / f"train-{det}", args, width, depth, args.workers[0],
+            tr = training_speed(cube, root / f"train-{det}", args, width, depth, max(args.workers),
                                 "gpu" if cuda else "cpu")
             achieved = flops * inf["forward"]
             share = f"{100 * achieved / peak:.1f}%" if peak else "n/a"
@@ -244,6 +251,10 @@ def run(args: argparse.Namespace) -> int:
     print(common.table(["patterns", "train samples/s", "data wait", "pass patterns/s", "forward patterns/s",
                         "pass / forward", "GFLOP/pattern", "TFLOP/s", "of bf16 ceiling"], speed))
     print(common.table(["loader workers", f"GB/s decoded ({det}x{det})", "GB/s per worker"], feed))
+    if cuda:  # the network's cost grows with the pattern's area: scale the largest size's measured rate
+        rate = inf["pass"] * (det / CAMERA[1]) ** 2
+        print(f"a 4D Camera ({CAMERA[0]:,} patterns/s of {CAMERA[1]}x{CAMERA[1]}): {rate:,.0f} patterns/s per GPU "
+              f"(the full pass at {det}x{det}, scaled by FLOPs), so {CAMERA[0] / rate:.0f} GPUs keep up")
     failed = sum(r[2].startswith("FAILED") for r in rows)
     skipped = sum(r[2] == "skipped" for r in rows)
     print(f"gpu checks: {len(rows) - failed - skipped} passed, {skipped} skipped, {failed} failed on {name}")

@@ -49,13 +49,25 @@ def autocast(dev: torch.device, dtype: torch.dtype | None) -> contextlib.Abstrac
     return torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+def cuda_flags() -> None:
+    """TF32 matmuls and convolutions; cuDNN picks its fastest kernels for our fixed shapes."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
 def setup(config: Config, ranks: Ranks) -> None:
     """Process-wide settings: TF32 matmuls on GPUs; CPU threads shared among the ranks of a node."""
     if use_cuda(config):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        cuda_flags()
     elif ranks.local_world_size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks.local_world_size))
+
+
+def io_threads(local_world_size: int = 1) -> int:
+    """Reader and writer threads (each) of an inference pass: half this rank's share of the node's cores,
+    1 to 4 (Blosc decodes and compresses a chunk per thread, outside the GIL)."""
+    return max(1, min(4, (os.cpu_count() or 1) // max(1, local_world_size) // 2))
 
 
 def channels_last(config: Config) -> bool:

@@ -1,12 +1,18 @@
 """Distributed inference: each rank predicts and writes its own whole chunks of the output cube.
 
-Reading (tiles with halo, blended on the fly), prediction and writing overlap: one thread reads
-ahead, the main thread runs the network, one thread compresses and writes finished chunks. No locks
-are needed because no two ranks (or threads) ever write the same chunk.
+Reading (tiles with halo, blended on the fly), prediction and writing overlap: ``threads`` reader threads
+decode tiles ahead (each its own chunk cache), the main thread runs the network on the device, where it
+also sums each pattern for the images it returns, and ``threads`` writer threads compress and write
+finished chunks (Blosc releases the GIL, so decoding and compression scale with threads). On a GPU the
+blocks go up and the chunks come down once per tile, through pinned buffers. No locks are needed
+because no two ranks (or threads) ever write the same chunk. Memory: ``2 threads + 2`` blocks in flight
+and ``cache_chunks`` decoded chunks, whatever the cube's size.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,9 +25,6 @@ from .. import faults
 from ..data.tiles import BlockReader, Borders, Grid, flat_index, tile_positions
 from . import hardware
 
-READ_AHEAD = 2
-WRITES_IN_FLIGHT = 2
-
 
 def owned_tiles(n_tiles: int, rank: int, world_size: int) -> range:
     """A contiguous run of tiles (whole chunks) per rank: disjoint, covering, and cache-friendly."""
@@ -29,42 +32,81 @@ def owned_tiles(n_tiles: int, rank: int, world_size: int) -> range:
 
 
 @torch.inference_mode()
-def predict_block(model: torch.nn.Module, block: np.ndarray, grid: Grid, t: int, borders: Borders,
-                  batch_size: int, device: torch.device, autocast: torch.dtype | None = None) -> np.ndarray:
-    """Denoised patterns of tile ``t`` from its halo ``block``; with ``copy`` borders those are copied."""
+def predict_block(model: torch.nn.Module, block: torch.Tensor, grid: Grid, t: int, borders: Borders,
+                  batch_size: int, device: torch.device, autocast: torch.dtype | None = None) -> torch.Tensor:
+    """Denoised patterns ``(h, w, P, Q)`` of tile ``t`` from its halo ``block``, on ``device``; with ``copy``
+    borders the scan's border positions keep their input patterns."""
     y0, y1, x0, x1 = grid.bounds(t)
-    out = block[1:y1 - y0 + 1, 1:x1 - x0 + 1].copy()
-    ii, jj = tile_positions(grid, t, borders)
+    blk = block.to(device, non_blocking=True)
+    out = blk[1:y1 - y0 + 1, 1:x1 - x0 + 1].clone()
     # the block's patterns cross to the device once; the 8-neighbour stacks are built there
-    patterns = torch.from_numpy(np.ascontiguousarray(block).reshape(-1, *block.shape[2:]))
-    if device.type == "cuda":
-        patterns = patterns.pin_memory()
-    patterns = patterns.to(device, non_blocking=True)
-    index = torch.from_numpy(flat_index(np.zeros_like(ii), ii, jj, block.shape[:2])[:, :8]).to(device)
+    patterns = blk.reshape(-1, *blk.shape[2:])
+    ii, jj, index = _positions(grid, t, borders, device)
     for s in range(0, len(ii), batch_size):
         with hardware.autocast(device, autocast):
             pred = model(patterns[index[s:s + batch_size]])
-        out[ii[s:s + batch_size], jj[s:s + batch_size]] = pred[:, 0].float().cpu().numpy()
+        out[ii[s:s + batch_size], jj[s:s + batch_size]] = pred[:, 0].float()
     return out
 
 
-def _read_ahead(reader: BlockReader, tiles: range) -> Iterator[tuple[int, np.ndarray]]:
-    with ThreadPoolExecutor(1, thread_name_prefix="stemdist-read") as pool:
-        pending: deque[tuple[int, Future]] = deque()
-        for t in tiles:
-            pending.append((t, pool.submit(reader.block, t)))
-            if len(pending) > READ_AHEAD:
-                t0, fut = pending.popleft()
-                yield t0, fut.result()
-        while pending:
-            t0, fut = pending.popleft()
-            yield t0, fut.result()
+_POSITIONS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _positions(grid: Grid, t: int, borders: Borders, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tile ``t``'s sample positions ``ii, jj`` and neighbour index, on the device. Tiles share a handful of
+    shapes, so they are made once per shape: a copy from pageable memory would wait for the device."""
+    y0, y1, x0, x1 = grid.bounds(t)
+    sy0, sy1, sx0, sx1 = grid.sample_box(t, borders)
+    key = (y1 - y0, x1 - x0, sy0 - y0, sy1 - y0, sx0 - x0, sx1 - x0, str(device))
+    if key not in _POSITIONS:
+        ii, jj = tile_positions(grid, t, borders)
+        index = flat_index(np.zeros_like(ii), ii, jj, (y1 - y0 + 2, x1 - x0 + 2))[:, :8]
+        _POSITIONS[key] = tuple(torch.from_numpy(a).to(device) for a in (ii, jj, index))
+    return _POSITIONS[key]
+
+
+class _Readers:
+    """Tiles with halo read ahead by ``threads`` threads, each with its own :class:`BlockReader` (and its
+    share of the chunk cache), in the order asked for, into reused (pinned, for a GPU) buffers."""
+
+    def __init__(self, raw: zarr.Array, den: zarr.Array | None, beta: float, grid: Grid, cache_chunks: int,
+                 threads: int, pin: bool):
+        self.args = (raw, den, beta, max(1, cache_chunks // threads), grid)
+        self.local = threading.local()
+        self.threads, self.grid = threads, grid
+        shape = (grid.ty + 2, grid.tx + 2) + tuple(raw.shape[2:])
+        self.free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+        for _ in range(2 * threads + 2):
+            self.free.put(torch.empty(shape, dtype=torch.float32, pin_memory=pin))
+
+    def _read(self, t: int, buf: torch.Tensor) -> torch.Tensor:
+        reader = getattr(self.local, "reader", None)
+        if reader is None:
+            reader = self.local.reader = BlockReader(*self.args)
+        y0, y1, x0, x1 = self.grid.bounds(t)
+        reader.block(t, buf.numpy())
+        return buf[:y1 - y0 + 2, :x1 - x0 + 2]
+
+    def __call__(self, tiles: range) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(tile, block view, its buffer)``; put the buffer back in :attr:`free` once the block is used."""
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="stemdist-read") as pool:
+            pending: deque[tuple[int, torch.Tensor, Future]] = deque()
+            for t in tiles:
+                if len(pending) > self.threads:
+                    t0, buf, fut = pending.popleft()
+                    yield t0, fut.result(), buf
+                buf = self.free.get()  # waits for the device to finish with an earlier block
+                pending.append((t, buf, pool.submit(self._read, t, buf)))
+            while pending:
+                t0, buf, fut = pending.popleft()
+                yield t0, fut.result(), buf
 
 
 def infer(model: torch.nn.Module, raw: zarr.Array, den: zarr.Array | None, beta: float, out: zarr.Array,
           *, borders: Borders, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1,
           cache_chunks: int = 24, autocast: torch.dtype | None = None, progress=None,
-          bf_mask: np.ndarray | None = None) -> np.ndarray:
+          bf_mask: np.ndarray | None = None, threads: int = 2) -> np.ndarray:
     """Write this rank's chunks of ``out`` = model applied to ``(1 - beta) raw + beta den``.
 
     Returns two images of the chunks this rank wrote, zero elsewhere (summed over ranks they are whole, for
@@ -72,24 +114,45 @@ def infer(model: torch.nn.Module, raw: zarr.Array, den: zarr.Array | None, beta:
     ``[1]`` the total counts of every pattern (what the divergence check reads).
     """
     grid = Grid.of(out)  # the output's chunks: each rank writes whole ones
-    reader = BlockReader(raw, den, beta, cache_chunks, grid)
+    cuda = device.type == "cuda"
+    threads = max(1, threads)
+    readers = _Readers(raw, den, beta, grid, cache_chunks, threads, pin=cuda)
     tiles = owned_tiles(grid.n_tiles, rank, world_size)
     model.eval()
-    images = np.zeros((2, grid.H, grid.W))
-    with ThreadPoolExecutor(1, thread_name_prefix="stemdist-write") as writer:
-        writes: deque[Future] = deque()
-        for t, block in _read_ahead(reader, tiles):
+    mask = None if bf_mask is None else torch.as_tensor(bf_mask, dtype=torch.float32, device=device)
+    images = torch.zeros((2, grid.H, grid.W), dtype=torch.float64, device=device)
+    chunk = (grid.ty, grid.tx) + tuple(raw.shape[2:])
+    outs = [torch.empty(chunk, dtype=torch.float32, pin_memory=cuda) for _ in range(2 * threads)]
+
+    def write(y0: int, y1: int, x0: int, x1: int, buf: torch.Tensor, in_buf: torch.Tensor,
+              done: torch.cuda.Event | None) -> None:
+        if done is not None:  # the tile's upload, network and download have run
+            done.synchronize()
+        readers.free.put(in_buf)
+        out[y0:y1, x0:x1] = buf[:y1 - y0, :x1 - x0].numpy()
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="stemdist-write") as writer:
+        writes: deque[tuple[Future, torch.Tensor]] = deque()
+        for t, block, in_buf in readers(tiles):
             pred = predict_block(model, block, grid, t, borders, batch_size, device, autocast)
             y0, y1, x0, x1 = grid.bounds(t)
-            images[1, y0:y1, x0:x1] = pred.sum(axis=(2, 3), dtype=np.float64)
-            images[0, y0:y1, x0:x1] = (images[1, y0:y1, x0:x1] if bf_mask is None
-                                       else np.tensordot(pred, bf_mask, axes=([2, 3], [0, 1])))
-            writes.append(writer.submit(out.__setitem__, (slice(y0, y1), slice(x0, x1)), pred))
-            while len(writes) > WRITES_IN_FLIGHT:
-                writes.popleft().result()
+            totals = pred.sum(dim=(2, 3), dtype=torch.float64)
+            images[1, y0:y1, x0:x1] = totals
+            images[0, y0:y1, x0:x1] = totals if mask is None else (pred * mask).sum(dim=(2, 3), dtype=torch.float64)
+            while not outs:
+                fut, buf = writes.popleft()
+                fut.result()
+                outs.append(buf)
+            buf = outs.pop()
+            buf[:y1 - y0, :x1 - x0].copy_(pred, non_blocking=cuda)
+            done = None
+            if cuda:
+                done = torch.cuda.Event()
+                done.record()
+            writes.append((writer.submit(write, y0, y1, x0, x1, buf, in_buf, done), buf))
             if progress is not None:
                 progress(1)
             faults.point(f"infer:{t}")
-        for w in writes:
-            w.result()
-    return images
+        for fut, _ in writes:
+            fut.result()
+    return images.cpu().numpy()
