@@ -77,15 +77,16 @@ def _epoch(loader) -> int:
 
 def _groups(loader: DataLoader) -> int:
     n = 0
-    for _, index, _ in loader:
-        n += index.shape[0] * index.shape[1]
+    for group in loader:
+        n += group[1].shape[0] * group[1].shape[1]
+        loader.dataset.release(group)
     return n
 
 
 def _shipped(ds: NeighbourPatches) -> float:
     """Patterns copied to the device per sample by the Zarr loader (the reference copies 9)."""
     patterns = samples = 0
-    for p, index, t in ds:
+    for p, index, t, _ in ds:
         patterns += len(p) + len(t.reshape(-1, *p.shape[1:])) if t.numel() else len(p)
         samples += index.shape[0] * index.shape[1]
     return patterns / samples

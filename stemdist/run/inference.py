@@ -23,6 +23,7 @@ import zarr
 
 from .. import faults
 from ..data.tiles import BlockReader, Borders, Grid, flat_index, tile_positions
+from ..io.zarr_store import ChunkWriter
 from . import hardware
 
 
@@ -122,14 +123,14 @@ def infer(model: torch.nn.Module, raw: zarr.Array, den: zarr.Array | None, beta:
     mask = None if bf_mask is None else torch.as_tensor(bf_mask, dtype=torch.float32, device=device)
     images = torch.zeros((2, grid.H, grid.W), dtype=torch.float64, device=device)
     chunk = (grid.ty, grid.tx) + tuple(raw.shape[2:])
+    chunks = ChunkWriter(out)
     outs = [torch.empty(chunk, dtype=torch.float32, pin_memory=cuda) for _ in range(2 * threads)]
 
-    def write(y0: int, y1: int, x0: int, x1: int, buf: torch.Tensor, in_buf: torch.Tensor,
-              done: torch.cuda.Event | None) -> None:
+    def write(t: int, buf: torch.Tensor, in_buf: torch.Tensor, done: torch.cuda.Event | None) -> None:
         if done is not None:  # the tile's upload, network and download have run
             done.synchronize()
         readers.free.put(in_buf)
-        out[y0:y1, x0:x1] = buf[:y1 - y0, :x1 - x0].numpy()
+        chunks.write(*divmod(t, grid.shape[1]), buf.numpy())
 
     with ThreadPoolExecutor(threads, thread_name_prefix="stemdist-write") as writer:
         writes: deque[tuple[Future, torch.Tensor]] = deque()
@@ -149,7 +150,7 @@ def infer(model: torch.nn.Module, raw: zarr.Array, den: zarr.Array | None, beta:
             if cuda:
                 done = torch.cuda.Event()
                 done.record()
-            writes.append((writer.submit(write, y0, y1, x0, x1, buf, in_buf, done), buf))
+            writes.append((writer.submit(write, t, buf, in_buf, done), buf))
             if progress is not None:
                 progress(1)
             faults.point(f"infer:{t}")
