@@ -25,17 +25,40 @@ def run_denoise(input_path: str | Path, out: str | Path, config: cfg.Config, *, 
                overrides=overrides, ranks=ranks)
 
 
-def denoise(input: str | Path, out: str | Path, config: str | Path | None = None, *, dataset: str | None = None,
-            reference: str | Path | None = None, resume: bool = False, **overrides: Any) -> RunPaths:
-    """Denoise a cube into the run directory ``out``; returns the run's paths.
+def denoise(input: Any, out: str | Path | None = None, config: str | Path | None = None, *,
+            dataset: str | None = None, reference: str | Path | None = None, resume: bool = False,
+            **overrides: Any) -> Any:
+    """Denoise a cube into the run directory ``out``.
+
+    ``input`` is a file path (returns the run's :class:`~stemdist.layout.RunPaths`), or an object, returned
+    as the same kind with the final cube: a numpy array (-> numpy), a dask array (-> dask, lazy over the
+    run's Zarr), a HyperSpy ``Signal2D`` or pyxem signal (-> the same class, axes, calibrations and metadata
+    kept; lazy when the input was lazy) or a py4DSTEM ``DataCube`` (-> a DataCube, calibration kept). An
+    object is streamed into ``out/input.zarr`` chunk by chunk and never modified. ``out`` may be left out
+    for objects: a new folder ``stemdist-*`` in the system's temporary directory (a lazy result reads it).
 
     ``overrides`` are shortcuts (``cycles=2``, ``epochs=3``, ``batch_size``, ``accelerator``, ``devices``,
     ``num_nodes``) or whole sections (``train={"lr": 5e-4}``).
     """
+    from .io.formats import is_object
+
     sections = {k: v for k, v in overrides.items() if k not in cfg.SHORTCUTS}
     updates = cfg.merge(sections, cfg.shortcut_overrides(overrides))
     conf = cfg.load(config, updates)
-    return run_denoise(input, out, conf, dataset=dataset, reference=reference, resume=resume, overrides=updates)
+    if not is_object(input):
+        if out is None:
+            raise TypeError("denoise(path, out): a file input needs the run directory `out`")
+        return run_denoise(input, out, conf, dataset=dataset, reference=reference, resume=resume, overrides=updates)
+    import tempfile
+
+    import zarr
+
+    from .io.objects import source
+
+    src = source(input)
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="stemdist-"))
+    paths = run_denoise(src, out, conf, reference=reference, resume=resume, overrides=updates)
+    return src.rebuild(zarr.open_array(str(paths.final), mode="r"))
 
 
 def demo(out: str | Path = "stemdist-demo", quiet: bool = False) -> dict[str, float]:

@@ -59,7 +59,7 @@ def check_values(arr: zarr.Array | da.Array, name: str, extra: tuple[da.Array, .
     """
     darr = arr if isinstance(arr, da.Array) else da.from_zarr(arr)
     checks = _value_checks(darr)
-    with dask_bar(f"checking {Path(name).name}"):
+    with dask_bar(f"checking {Path(name).name if Path(name).exists() else name}"):
         results = list(da.compute(*checks, *extra))
     _raise_on_values(results[:len(checks)], _flag_names(darr), name)
     return results[len(checks):]

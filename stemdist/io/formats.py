@@ -302,8 +302,20 @@ def _read_zarr(path: Path, key: str | None) -> da.Array:
     return da.from_zarr(open_cube(path, key))
 
 
-def open_source(path: str | Path, dataset: str | None = None) -> tuple[da.Array, dict[str, Any]]:
-    """Open ``path`` read-only as a lazy dask array (any supported format)."""
+def label(source: Any) -> str:
+    """How messages name an input: its path as given, or an in-memory object's description."""
+    return getattr(source, "name", None) if is_object(source) else str(source)
+
+
+def is_object(source: Any) -> bool:
+    """An in-memory object opened by :func:`stemdist.io.objects.source` (not a path)."""
+    return not isinstance(source, (str, Path))
+
+
+def open_source(path: Any, dataset: str | None = None) -> tuple[da.Array, dict[str, Any]]:
+    """Open ``path`` read-only as a lazy dask array (any supported format, or an opened in-memory object)."""
+    if is_object(path):
+        return path.array, {"source": path.name, "axes": AXES, **path.attrs}
     path = Path(path)
     if not path.exists():
         raise InputError(f"input {path} does not exist")

@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -20,7 +21,7 @@ from ..data.tiles import Grid
 from ..errors import InputError, StemdistError
 from ..io.checks import check_chunks, check_shape, check_values
 from ..io.convert import convert
-from ..io.formats import open_source
+from ..io.formats import is_object, label, open_source
 from ..io.zarr_store import create_cube, is_zarr, open_cube
 from ..layout import COMPLETE, LEFTOVERS, RUN_INFO, RunLock, RunPaths, cycle_name, is_complete, mark_complete
 from ..quality.figures import cycle_figure, denoised_figure, run_figures
@@ -83,7 +84,7 @@ def _interrupted_setup(root: Path) -> bool:
     return root.is_dir() and not (root / RUN_INFO).exists() and all(p.name in LEFTOVERS for p in root.iterdir())
 
 
-def prepare(input_path: str | Path, paths: RunPaths, config: Config, dataset: str | None, resume: bool,
+def prepare(input_path: Any, paths: RunPaths, config: Config, dataset: str | None, resume: bool,
             overrides: dict, lock: RunLock) -> dict:
     """Rank 0: check the input and RUN_DIR, convert the input if needed, write config and run info.
 
@@ -114,18 +115,20 @@ def prepare(input_path: str | Path, paths: RunPaths, config: Config, dataset: st
         raise
 
 
-def _set_up(input_path: str | Path, paths: RunPaths, config: Config, dataset: str | None) -> dict:
-    input_path = Path(input_path)
+def _set_up(input_path: Any, paths: RunPaths, config: Config, dataset: str | None) -> dict:
+    what = label(input_path)
+    if not is_object(input_path):
+        input_path = Path(input_path)
     for name in LEFTOVERS - {".lock"}:  # what an interrupted set-up left
         left = paths.root / name
         if left.is_dir():
             shutil.rmtree(left)
         else:
             left.unlink(missing_ok=True)
-    arr = open_cube(input_path, dataset) if is_zarr(input_path) else None
+    arr = open_cube(input_path, dataset) if not is_object(input_path) and is_zarr(input_path) else None
     rechunked = None
     if arr is not None:
-        check_chunks(arr, str(input_path))
+        check_chunks(arr, what)
     if arr is not None and fits_grid(arr, config.data.tile):
         raw = _array_path(arr, input_path)
     else:
@@ -139,12 +142,13 @@ def _set_up(input_path: str | Path, paths: RunPaths, config: Config, dataset: st
     arr = zarr.open_array(raw, mode="r")
     mask = bright_field_mask(arr)
     darr = da.from_zarr(arr)
-    raw_bf, totals = check_values(arr, str(input_path), (virtual_bf_lazy(darr, mask),
+    raw_bf, totals = check_values(arr, what, (virtual_bf_lazy(darr, mask),
                                                           darr.astype(np.float64).sum(axis=(2, 3)).mean()))
     paths.report.mkdir(exist_ok=True)
     np.save(paths.raw_bf, raw_bf)
     np.save(paths.bf_mask, mask)
-    info = {"input": str(Path(input_path).resolve()), "dataset": dataset, "raw": str(Path(raw).resolve()),
+    info = {"input": what if is_object(input_path) else str(input_path.resolve()), "dataset": dataset,
+            "raw": str(Path(raw).resolve()),
             "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
             "mean_counts": float(totals), "rechunked_from": rechunked}
     config.save(paths.config)
@@ -159,10 +163,11 @@ def last_complete_cycle(paths: RunPaths, cycles: int) -> int:
     return max(done, default=0)  # with keep_cycles=last the earlier cycles are gone
 
 
-def run(input_path: str | Path, out: str | Path, config: Config, *, dataset: str | None = None,
+def run(input_path: Any, out: str | Path, config: Config, *, dataset: str | None = None,
         reference: str | Path | None = None, resume: bool = False, overrides: dict | None = None,
         ranks: rk.Ranks | None = None) -> RunPaths:
-    """Denoise ``input_path`` into ``out`` (every rank calls this; rank 0 does the bookkeeping)."""
+    """Denoise ``input_path`` (a path, or an in-memory object opened by :func:`stemdist.io.objects.source`)
+    into ``out`` (every rank calls this; rank 0 does the bookkeeping)."""
     ranks = ranks or rk.detect()
     paths = RunPaths.of(out)
     rk.init(ranks, hardware.use_cuda(config))
