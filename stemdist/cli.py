@@ -20,7 +20,7 @@ SAMPLES = 8  # chunks `info` reads for its count statistics
 def cmd_convert(a: argparse.Namespace) -> int:
     from .io.convert import convert
 
-    arr = convert(a.input, a.output, dataset=a.dataset, tile=a.tile, overwrite=a.overwrite)
+    arr = convert(a.input, a.output, dataset=a.dataset, tile=a.tile, overwrite=a.overwrite, scan_shape=a.scan_shape)
     print(f"wrote {a.output}: shape {arr.shape}, chunks {arr.chunks}, dtype {arr.dtype}")
     return 0
 
@@ -138,6 +138,9 @@ def _convert(s: argparse.ArgumentParser) -> None:
     s.add_argument("output")
     s.add_argument("--dataset", help="array/dataset name inside an .npz, HDF5 file or Zarr group")
     s.add_argument("--tile", type=int, help="scan tile (chunk) edge; default: chunks of ~2 MB as float32")
+    s.add_argument("--scan-shape", type=int, nargs=2, metavar=("H", "W"),
+                   help="a series of frames without a scan shape (Merlin .mib, a flat stack): H rows of W "
+                        "positions, in raster order; H x W must equal the frame count")
     s.add_argument("--overwrite", action="store_true")
 
 

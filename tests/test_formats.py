@@ -166,8 +166,42 @@ def test_merlin_mib_read_convert_denoise(tmp_path):
 def test_single_frame_series_is_refused_clearly(tmp_path):
     need_formats()
     folder = unzip("Merlin_Single_Quad.zip", tmp_path / "mib")
-    with pytest.raises(InputError, match="no 4-D signal"):
+    with pytest.raises(InputError, match="no 4-D signal.*--scan-shape H W"):
         open_source(folder / "Single_9_Frame_CounterDepth_12_Rows_256.mib")  # 9 frames, no scan shape
+
+
+@needs_files
+def test_scan_shape_makes_a_merlin_series_a_scan(tmp_path):
+    """`convert --scan-shape 3 3` on the real 9-frame Merlin series: frames in raster order; a shape that
+    does not hold the 9 frames is refused in one line and writes nothing."""
+    need_formats()
+    folder = unzip("Merlin_Single_Quad.zip", tmp_path / "mib")
+    src = folder / "Single_9_Frame_CounterDepth_12_Rows_256.mib"
+    frames = rsciio_read("rsciio.quantumdetector", src)[0]["data"]
+    assert frames.shape == (9, 256, 256)
+    run_cli("convert", str(src), str(tmp_path / "s.zarr"), "--scan-shape", "3", "3")
+    cube = zarr.open_array(str(tmp_path / "s.zarr"), mode="r")
+    assert cube.shape == (3, 3, 256, 256) and cube.attrs["scan_shape_given"] == [3, 3]
+    np.testing.assert_array_equal(cube[1, 2], frames[5])
+    np.testing.assert_array_equal(cube[...].reshape(9, 256, 256), frames)
+    for shape in (("2", "4"), ("3", "4")):
+        proc = run_cli("convert", str(src), str(tmp_path / "bad.zarr"), "--scan-shape", *shape, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1
+        assert f"--scan-shape {' '.join(shape)} makes" in lines[0] and "holds 9 frames" in lines[0]
+        assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_scan_shape_on_a_flat_npy_stack(tmp_path):
+    stack = np.random.default_rng(0).poisson(2.0, (12, 5, 6)).astype(np.uint16)
+    np.save(tmp_path / "stack.npy", stack)
+    proc = run_cli("convert", str(tmp_path / "stack.npy"), str(tmp_path / "no.zarr"), check=False)
+    assert proc.returncode == 2 and "convert --scan-shape H W" in proc.stderr
+    from stemdist.io.convert import convert as convert_api
+
+    cube = convert_api(tmp_path / "stack.npy", tmp_path / "s.zarr", scan_shape=(3, 4))
+    np.testing.assert_array_equal(cube[...], stack.reshape(3, 4, 5, 6))
+    np.testing.assert_array_equal(np.load(tmp_path / "stack.npy"), stack)  # the source is untouched
 
 
 # ------------------------------------------------------------------------------------------- blockfile

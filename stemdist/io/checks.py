@@ -15,7 +15,10 @@ from ..errors import InputError
 def check_shape(shape: tuple[int, ...], name: str) -> None:
     """A cube must be 4-D with a scan of at least 3 x 3 (every position needs 8 neighbours)."""
     if len(shape) != 4:
-        raise InputError(f"{name}: expected a 4-D cube (scan_y, scan_x, det_y, det_x), got shape {tuple(shape)}")
+        hint = ("; a series of frames without a scan shape: stemdist convert --scan-shape H W"
+                if len(shape) == 3 else "")
+        raise InputError(f"{name}: expected a 4-D cube (scan_y, scan_x, det_y, det_x), got shape {tuple(shape)}"
+                         f"{hint}")
     if shape[0] < 3 or shape[1] < 3:
         raise InputError(f"{name}: the scan must be at least 3 x 3 probe positions, got {shape[0]} x {shape[1]}")
     if shape[2] < 1 or shape[3] < 1:

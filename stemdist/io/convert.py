@@ -18,13 +18,13 @@ from .zarr_store import create_cube, default_tile
 
 
 def convert(source: Any, output: str | Path, dataset: str | None = None, tile: int | None = None,
-            overwrite: bool = False) -> zarr.Array:
+            overwrite: bool = False, scan_shape: tuple[int, int] | None = None) -> zarr.Array:
     """Stream any supported input (a path, or an opened in-memory object) into a chunked, compressed Zarr
-    cube; validate values on the way."""
+    cube; validate values on the way. ``scan_shape`` ``(H, W)``: the input is a series of ``H x W`` frames."""
     output = Path(output)
     if output.exists() and not overwrite:
         raise InputError(f"output {output} already exists; remove it or choose another path")
-    arr, attrs = open_source(source, dataset)
+    arr, attrs = open_source(source, dataset, scan_shape)
     name = label(source)
     check_shape(arr.shape, name)
     check_dtype(arr.dtype, name)

@@ -115,7 +115,7 @@ def _read_npy(path: Path) -> da.Array:
         data = np.load(path, mmap_mode="r")
     except ValueError as exc:
         raise InputError(f"{path}: not a readable .npy array ({exc})") from None
-    return da.from_array(data, chunks=data.shape if data.ndim != 4 else (8, 8, -1, -1))
+    return da.from_array(data, chunks={3: (64, -1, -1), 4: (8, 8, -1, -1)}.get(data.ndim, data.shape))
 
 
 def _read_npz(path: Path, key: str | None) -> da.Array:
@@ -235,8 +235,10 @@ def _read_hdf5(path: Path, key: str | None) -> tuple[da.Array, dict[str, Any]]:
     return _native(arr), attrs
 
 
-def _read_rsciio(path: Path, key: str | None, plugin: str, what: str) -> tuple[da.Array, dict[str, Any]]:
-    """Read a file lazily through RosettaSciIO; order its axes; keep its calibrations."""
+def _read_rsciio(path: Path, key: str | None, plugin: str, what: str, stack: bool = False
+                 ) -> tuple[da.Array, dict[str, Any]]:
+    """Read a file lazily through RosettaSciIO; order its axes; keep its calibrations. With ``stack`` a
+    series of frames without a scan shape, ``(frames, det_y, det_x)``, is returned as it is."""
     reader = require(plugin, f"reading {what} files").file_reader
     try:
         signals = reader(str(path), lazy=True)
@@ -246,7 +248,7 @@ def _read_rsciio(path: Path, key: str | None, plugin: str, what: str) -> tuple[d
                              f"({exc}); save the signal as .hspy in HyperSpy instead") from None
         raise InputError(f"{path}: RosettaSciIO could not read it as {what} "
                          f"({type(exc).__name__}: {exc})") from None
-    four_d = [i for i, sig in enumerate(signals) if np.ndim(sig["data"]) == 4 or len(sig["data"].shape) == 4]
+    four_d = [i for i, sig in enumerate(signals) if len(sig["data"].shape) == (3 if stack else 4)]
     if key is not None:
         try:
             index = int(key)
@@ -259,12 +261,19 @@ def _read_rsciio(path: Path, key: str | None, plugin: str, what: str) -> tuple[d
         index = four_d[0]
     elif not four_d:
         shapes = [tuple(sig["data"].shape) for sig in signals]
+        if stack:
+            raise InputError(f"{path}: {what} holds no series of frames (shapes {shapes}) to give a scan shape")
+        hint = ("; a series of frames without a scan shape needs one: stemdist convert --scan-shape H W"
+                if any(len(sh) == 3 for sh in shapes) else "")
         raise InputError(f"{path}: {what} holds no 4-D signal (shapes {shapes}); stemdist needs a 2-D scan "
-                         "of 2-D patterns")
+                         f"of 2-D patterns{hint}")
     else:
         raise InputError(f"{path}: holds several 4-D signals {four_d}; choose one with --dataset INDEX")
     sig = signals[index]
     data = sig["data"]
+    if stack and len(data.shape) == 3:
+        arr = data if isinstance(data, da.Array) else da.from_array(data, chunks=(64, -1, -1))
+        return _native(arr), {"source_format": plugin.split(".")[-1]}
     if len(data.shape) != 4:
         raise InputError(f"{path}: signal {index} has shape {tuple(data.shape)}, "
                          "not a 2-D scan of 2-D patterns")
@@ -312,11 +321,35 @@ def is_object(source: Any) -> bool:
     return not isinstance(source, (str, Path))
 
 
-def open_source(path: Any, dataset: str | None = None) -> tuple[da.Array, dict[str, Any]]:
-    """Open ``path`` read-only as a lazy dask array (any supported format, or an opened in-memory object)."""
+def with_scan_shape(arr: da.Array, scan_shape: tuple[int, int], name: str) -> da.Array:
+    """A series of ``H x W`` frames (``(frames, det_y, det_x)``, or 4-D with ``H x W`` positions in all) as a
+    ``(H, W, det_y, det_x)`` scan, frames in raster order; any other count of frames is refused."""
+    H, W = (int(v) for v in scan_shape)
+    if H < 1 or W < 1:
+        raise InputError(f"--scan-shape {H} {W}: both sizes must be positive")
+    if arr.ndim not in (3, 4):
+        raise InputError(f"{name} has shape {tuple(arr.shape)}: --scan-shape needs a series of 2-D frames")
+    frames = int(np.prod(arr.shape[:-2]))
+    if H * W != frames:
+        raise InputError(f"{name}: --scan-shape {H} {W} makes {H * W} positions, but it holds {frames} frames "
+                         f"(shape {tuple(arr.shape)}); H x W must equal the frame count")
+    return arr.reshape(frames, *arr.shape[-2:]).reshape(H, W, *arr.shape[-2:])
+
+
+def open_source(path: Any, dataset: str | None = None, scan_shape: tuple[int, int] | None = None
+                ) -> tuple[da.Array, dict[str, Any]]:
+    """Open ``path`` read-only as a lazy dask array (any supported format, or an opened in-memory object);
+    ``scan_shape`` ``(H, W)`` turns a series of frames into a scan (:func:`with_scan_shape`)."""
     if is_object(path):
         return path.array, {"source": path.name, "axes": AXES, **path.attrs}
-    path = Path(path)
+    arr, attrs = _open_path(Path(path), dataset, scan_shape is not None)
+    if scan_shape is not None:
+        arr = with_scan_shape(arr, scan_shape, str(path))
+        attrs["scan_shape_given"] = [int(v) for v in scan_shape]
+    return arr, attrs
+
+
+def _open_path(path: Path, dataset: str | None, stack: bool) -> tuple[da.Array, dict[str, Any]]:
     if not path.exists():
         raise InputError(f"input {path} does not exist")
     suffix = path.suffix.lower()
@@ -327,7 +360,7 @@ def open_source(path: Any, dataset: str | None = None) -> tuple[da.Array, dict[s
         arr = _read_npz(path, dataset)
     elif suffix in RSCIIO_READERS:
         plugin, what = RSCIIO_READERS[suffix]
-        arr, extra = _read_rsciio(path, dataset, plugin, what)
+        arr, extra = _read_rsciio(path, dataset, plugin, what, stack)
     elif suffix in HDF5_SUFFIXES:
         arr, extra = _read_hdf5(path, dataset)
     elif suffix == ".zarr" or (path / "zarr.json").exists():
