@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
-from .conftest import run_cli
+from .conftest import SHARED_DATA, run_cli
+from .test_formats import py4dstem_python
 
 HEADLINES = {
     "loader": r"loader ratio (\d+\.\d+) \(goal >= 2\)",
@@ -15,6 +17,7 @@ HEADLINES = {
     "train": r"train data-wait (\d+\.\d+)% \(goal <= 5%\)",
     "memory": r"memory growth (-?\d+\.\d+)% \(goal <= 10%\)",
     "gpu": r"gpu checks: (\d+) passed, (\d+) skipped, 0 failed on .+",
+    "downstream": r"stemdist has the lowest error in (\d+) of (\d+) \(dose, analysis\) pairs .*",
 }
 
 
@@ -29,6 +32,8 @@ def _row(lines: list[str], *cells: str) -> list[str]:
 
 @pytest.mark.parametrize("name", sorted(HEADLINES))
 def test_bench_smoke_figures(name, tmp_path):
+    if name == "downstream" and not (SHARED_DATA / "srtio3_clean.npy").exists():
+        pytest.skip(f"{SHARED_DATA} not present (the downstream bench scores against its truth)")
     proc = run_cli("bench", name, "--smoke", "--workdir", str(tmp_path))
     lines = proc.stdout.strip().splitlines()
     assert lines, proc.stderr
@@ -51,5 +56,15 @@ def test_bench_smoke_figures(name, tmp_path):
         assert float(speed[1].replace(",", "")) > 0 and float(speed[3].replace(",", "")) > 0
     elif name == "train":
         assert 0 <= value < 100 and float(_row(lines, "1")[1].replace(",", "")) > 0
+    elif name == "downstream":  # other packages' analyses of every method's cube, scored against the truth's
+        p4 = "py4DSTEM columns skipped" not in proc.stdout
+        if not p4:
+            py4dstem_python()  # skips with the reason, or fails where CI requires py4DSTEM
+        columns = 6 if p4 else 2
+        assert int(headline.group(2)) == columns
+        errors = {m: [float(c.rstrip(" *")) for c in _row(lines, "100", m)[2:]] for m in
+                  ("raw", "gaussian s=1", "pca-8", "stemdist")}
+        assert all(len(e) == columns and all(np.isfinite(e)) for e in errors.values())
+        assert errors["stemdist"][0] < errors["raw"][0] and errors["stemdist"][1] < errors["raw"][1]  # BF, ADF
     else:  # memory is set by the configuration: a 4x larger cube must not grow the peak by a third
         assert value < 33

@@ -18,6 +18,8 @@ BENCHMARKS = {  # name -> (module, one-line help)
     "train": ("train", "training samples/s per device and the fraction of step time waiting for data"),
     "gpu": ("gpu", "the GPU path in one call: bf16/compile/torchrun checks, training and inference speed per "
                    "detector size against the bf16 ceiling, loader decode rate (--smoke: CPU form)"),
+    "downstream": ("downstream", "other packages' analyses (HyperSpy virtual BF/ADF; py4DSTEM CoM, DPC and "
+                                 "ptychography) on raw, Gaussian, PCA and stemdist cubes, scored against the truth's"),
     "memory": ("memory", "peak RSS of `stemdist denoise` on synthetic cubes of growing size (GBs on disk)"),
 }
 

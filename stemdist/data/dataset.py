@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .tiles import BlockReader, Borders, Grid, flat_index, tile_positions
 
 BAND = 4  # tile columns per band of the epoch's walk
-RING_SPARE = 3  # shared buffers per worker beyond its prefetched groups: one being filled, one held, one pinning
+RING_SPARE = 1  # shared buffers per worker beyond its prefetched groups (the one the consumer holds)
 Segment = tuple[int, int, int]  # (tile, first sample, end sample) in the tile's raster order
 
 

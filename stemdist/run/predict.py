@@ -61,6 +61,7 @@ def predict(source: str | Path, input_path: str | Path, output: str | Path, *, d
     out = zarr.open_array(str(output), mode="r+")
     module = Denoiser(config.model, config.train)
     module.net.load_state_dict(torch.load(weights, map_location="cpu"))
+    hardware.setup(config, ranks)
     device = hardware.device(config, ranks)
     module.to(device)
     with bar("inference", Grid.of(out).n_tiles // ranks.world_size, ranks.is_main) as advance:
