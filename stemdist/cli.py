@@ -97,12 +97,12 @@ def cmd_info(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .console import dask_bar
     from .layout import RunPaths
-    from .quality.evaluate import evaluate, table
+    from .quality.evaluate import evaluate, summary_lines, table
 
     with dask_bar("evaluate"):
         result = evaluate(a.run_dir, a.truth, a.reference, with_baselines=a.baselines,
                           truth_dataset=a.truth_dataset, truth_scale=a.truth_scale,
-                          reference_dataset=a.reference_dataset, sigma=a.sigma, pca_rank=a.pca_rank,
+                          reference_dataset=a.reference_dataset, sigmas=a.sigmas, pca_rank=a.pca_rank,
                           center=tuple(a.center) if a.center else None, bf_radius=a.bf_radius,
                           adf_inner=a.adf_inner, adf_outer=a.adf_outer, threshold=a.threshold)
     if not a.quiet:
@@ -115,6 +115,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             print(f"against the {result['against']} ({result['truth']['path']}), data range L = "
                   f"{result['data_range']:.4g}")
             print(table(result["methods"]))
+            for line in summary_lines(result):
+                print(line)
         print(f"wrote {RunPaths(a.run_dir).metrics} and {len(result.get('figures', []))} figures")
     return 0
 
@@ -204,8 +206,10 @@ def _evaluate(s: argparse.ArgumentParser) -> None:
     s.add_argument("--reference", help="high-dose acquisition, scaled to the raw cube's counts (lacking a truth)")
     s.add_argument("--reference-dataset")
     s.add_argument("--baselines", action="store_true",
-                   help="also score Gaussian smoothing over the scan, the 8-neighbour mean and PCA")
-    s.add_argument("--sigma", type=float, default=1.0, help="Gaussian baseline sigma, in probe positions")
+                   help="also score the classical ladder: scan Gaussians (--sigmas and the SURE width), the "
+                        "8-neighbour mean, PCA, and PCA followed by the SURE-width Gaussian")
+    s.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 3.0],
+                   help="widths of the scan Gaussian baselines, in probe positions")
     s.add_argument("--pca-rank", type=int, default=8, help="PCA baseline rank")
     s.add_argument("--center", type=float, nargs=2, metavar=("Y", "X"), help="disk centre, detector pixels")
     s.add_argument("--bf-radius", type=float, help="bright-field disk radius, pixels (default: from the data)")
@@ -268,6 +272,9 @@ def _is_main_rank() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .memory import return_freed_memory
+
+    return_freed_memory()  # before anything large is allocated (see there)
     args = build_parser().parse_args(argv)
     from . import console
 

@@ -29,7 +29,7 @@ class DataConfig(Section):
     borders: Literal["reflect", "copy"] = "reflect"  # reflect: every position is a sample; copy: reference
     shuffle_tiles: int = Field(8, ge=1)  # tiles mixed in the per-worker shuffle buffer
     num_workers: int = Field(2, ge=0)  # loader worker processes per device
-    cache_chunks: int = Field(24, ge=1)  # decoded chunks cached per worker (halo reads touch neighbour chunks)
+    cache_chunks: int = Field(12, ge=1)  # decoded chunks cached per worker (halo reads touch neighbour chunks)
     prefetch_factor: int = Field(1, ge=1)  # tile groups (each many batches) prefetched per worker
 
 

@@ -23,21 +23,39 @@ def test_denoise_draws_the_run_figures(smoke_run):
 
 def test_evaluate_cli_writes_metrics_and_every_figure(smoke_run):
     proc = run_cli("evaluate", str(smoke_run), "--baselines", "--pca-rank", "4")
-    assert "final" in proc.stdout and "gaussian" in proc.stdout
+    assert "final" in proc.stdout and "gaussian_sure" in proc.stdout
+    assert "final vs the best baseline for each column (goals: >= +3 dB, <= 0.8x): PSNR" in proc.stdout
+    assert "final is as good as raw data at N x the dose: PSNR" in proc.stdout
     report = smoke_run / "report"
     m = json.loads((report / "metrics.json").read_text())
     assert m["against"] == "truth"  # found beside the synth cube's noisy array
-    assert set(m["methods"]) == {"raw", "cycle_01", "cycle_02", "final", "gaussian", "neighbours", "pca"}
+    ladder = {"gaussian_0.5", "gaussian_1", "gaussian_1.5", "gaussian_2", "gaussian_3", "gaussian_sure",
+              "neighbours", "pca", "pca_gaussian"}
+    assert set(m["methods"]) == {"raw", "cycle_01", "cycle_02", "final"} | ladder
+    methods = m["methods"]
+    for col, best in m["best_baselines"].items():  # the bar is the best baseline for each column
+        scores = {b: methods[b][col] for b in ladder}
+        assert best["value"] == (max if col == "psnr" else min)(scores.values()) == scores[best["best"]]
+        if col == "psnr":
+            assert best["delta_db"] == pytest.approx(methods["final"]["psnr"] - best["value"])
+        else:
+            assert best["ratio"] == pytest.approx(methods["final"][col] / best["value"])
+    gain = m["dose_gain"]
+    assert gain["raw"]["bf_err"] == pytest.approx(1.0) and gain["raw"]["psnr"] == pytest.approx(1.0)
+    assert gain["final"]["bf_err"] == pytest.approx((methods["raw"]["bf_err"] / methods["final"]["bf_err"]) ** 2)
+    assert gain["final"]["psnr"] == pytest.approx(10 ** ((methods["final"]["psnr"] - methods["raw"]["psnr"]) / 10))
+    sigma = m["baselines"]["sure_sigma"]
+    assert zarr.open_array(str(smoke_run / "report" / "baselines.zarr" / "gaussian_sure")).attrs["sigma"] == sigma
     for method in m["methods"].values():
         assert set(METRICS) <= set(method) and all(np.isfinite(method[k]) for k in METRICS)
     final, last = m["methods"]["final"], m["methods"]["cycle_02"]  # final = last cycle fused with raw
     assert final["bf_err"] < last["bf_err"] and final["adf_err"] < last["adf_err"]
-    assert m["methods"]["gaussian"]["psnr"] > m["methods"]["raw"]["psnr"]
+    assert m["methods"]["gaussian_1"]["psnr"] > m["methods"]["raw"]["psnr"]
     assert m["masks"]["bf_radius"] == pytest.approx(16 / 5, abs=0.6)
     assert "*_err" in m["definitions"]
     for name in FIGURES + ("metrics_per_cycle.png",):
         assert (report / name).stat().st_size > 0, name
-    for name in ("gaussian", "neighbours", "pca"):
+    for name in ladder:
         assert zarr.open_array(str(report / "baselines.zarr" / name), mode="r").attrs["complete"] is True
 
 
@@ -81,7 +99,10 @@ def test_bench_quality_smoke(tmp_path):
     proc = run_cli("bench", "quality", "--smoke", "--out", str(tmp_path / "q"),
                    "--json", str(tmp_path / "q.json"))
     last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("quality: smoke beats all baselines on ") and "columns at dose 100" in last
-    assert "| gaussian" in proc.stdout and "protocol: config smoke" in proc.stdout
+    assert last.startswith("quality: smoke meets the goal against the best baseline per column (+3 dB, <= 0.8x)")
+    assert "(dose, column) pairs (dose 100: " in last
+    assert "| gaussian_sure" in proc.stdout and "protocol: config smoke" in proc.stdout
     data = json.loads((tmp_path / "q.json").read_text())
-    assert set(data["doses"]["100.0"]["methods"]) >= {"raw", "final", "gaussian", "neighbours", "pca"}
+    assert set(data["doses"]["100.0"]["methods"]) >= {"raw", "final", "gaussian_1", "gaussian_sure", "neighbours",
+                                                     "pca", "pca_gaussian"}
+    assert set(data["doses"]["100.0"]["best_baselines"]) == {"psnr", "bf_err", "adf_err", "com_y_err", "com_x_err"}

@@ -9,6 +9,7 @@ import zarr
 from scipy import ndimage
 
 from stemdist.io.zarr_store import create_cube
+from stemdist.quality import sure
 from stemdist.run import fusion
 
 
@@ -21,27 +22,27 @@ def test_sure_risk_is_unbiased_for_the_true_risk():
     rng = np.random.default_rng(0)
     lam = smooth_image(24)
     for sigma in (0.0, 1.0, 2.5):
-        sure, true = [], []
+        risks, true = [], []
         for _ in range(300):
             y = rng.poisson(lam).astype(np.float64)
-            s = ndimage.gaussian_filter(y, sigma, truncate=fusion.TRUNCATE, mode="reflect") if sigma else y
-            sure.append(fusion.sure_risk(y, sigma))
+            s = ndimage.gaussian_filter(y, sigma, truncate=sure.TRUNCATE, mode="reflect") if sigma else y
+            risks.append(sure.sure_risk(y, sigma))
             true.append(((s - lam) ** 2).sum())
         # SURE's own spread is large; the mean of 300 draws is within a few standard errors
-        assert abs(np.mean(sure) - np.mean(true)) < 4 * np.std(sure) / np.sqrt(300) + 1e-9, sigma
+        assert abs(np.mean(risks) - np.mean(true)) < 4 * np.std(risks) / np.sqrt(300) + 1e-9, sigma
 
 
 def test_sure_sigma_smooths_smooth_noisy_images_and_spares_sharp_clean_ones():
     rng = np.random.default_rng(1)
-    assert fusion.sure_sigma(rng.poisson(smooth_image()).astype(float)) >= 1.0
+    assert sure.sure_sigma(rng.poisson(smooth_image()).astype(float)) >= 1.0
     sharp = np.where((np.add.outer(np.arange(40), np.arange(40)) % 2) == 0, 1e5, 2e5)  # checkerboard
-    assert fusion.sure_sigma(rng.poisson(sharp).astype(float)) == 0.0
+    assert sure.sure_sigma(rng.poisson(sharp).astype(float)) == 0.0
 
 
 @pytest.mark.parametrize("bad", [np.ones(5), np.ones((2, 9)), np.full((4, 4), np.nan), -np.ones((4, 4))])
 def test_sure_sigma_refuses_bad_images(bad):
     with pytest.raises(ValueError, match="sure_sigma"):
-        fusion.sure_sigma(bad)
+        sure.sure_sigma(bad)
 
 
 @pytest.mark.parametrize("shape,tile,sigma", [((24, 20, 5, 6), 7, 2.0), ((9, 13, 4, 4), 3, 1.25),
@@ -99,5 +100,5 @@ def test_fuse_block_leaves_its_inputs_alone():
 
 @pytest.mark.parametrize("n,sigma", [(3, 4.0), (7, 1.25), (40, 2.0), (5, 0.25)])
 def test_self_weights_are_the_smoothing_matrix_diagonal(n, sigma):
-    matrix = ndimage.gaussian_filter1d(np.eye(n), sigma, axis=0, truncate=fusion.TRUNCATE, mode="reflect")
-    np.testing.assert_allclose(fusion._self_weights(n, sigma), np.diagonal(matrix), atol=1e-12)
+    matrix = ndimage.gaussian_filter1d(np.eye(n), sigma, axis=0, truncate=sure.TRUNCATE, mode="reflect")
+    np.testing.assert_allclose(sure._self_weights(n, sigma), np.diagonal(matrix), atol=1e-12)

@@ -120,7 +120,7 @@ def method_cubes(noisy: np.ndarray, root: Path, args: argparse.Namespace) -> tup
     from ..io.zarr_store import create_cube
     from ..quality import baselines
     from ..quality.metrics import bright_field_mask, virtual_bf
-    from ..run.fusion import sure_sigma
+    from ..quality.sure import sure_sigma
 
     store = create_cube(root / "noisy.zarr", None, noisy.shape, 8, noisy.dtype, overwrite=True)
     store[...] = noisy

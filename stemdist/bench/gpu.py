@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -133,9 +134,9 @@ def flops_per_pattern(module: torch.nn.Module, det: int, device: torch.device) -
 def inference_speed(cube: Path, out: Path, module, device: torch.device, batch: int, dtype) -> dict:
     """Patterns/s of the full inference pass and of forward passes alone on the same batches."""
     from ..data.tiles import BlockReader, Grid, flat_index, tile_positions
-    from ..io.zarr_store import create_cube
+    from ..io.zarr_store import ChunkWriter, create_cube
     from ..run import hardware
-    from ..run.inference import infer
+    from ..run.inference import ReadAhead, infer
 
     raw = zarr.open_array(str(cube / "noisy"), mode="r")
     target = create_cube(out, None, raw.shape, raw.chunks[:2], "float32", overwrite=True)
@@ -161,13 +162,29 @@ def inference_speed(cube: Path, out: Path, module, device: torch.device, batch: 
                 module(x)
         sync()
 
+    threads = hardware.io_threads()
+
     def full_pass() -> None:
         infer(module, raw, None, 0.0, target, borders="reflect", batch_size=batch, device=device, autocast=dtype,
-              threads=hardware.io_threads())
+              threads=threads)
         sync()
 
+    readers = ReadAhead(raw, None, 0.0, grid, 24, threads, pin=device.type == "cuda")
+
+    def read_only() -> None:  # the pass's reader threads alone: tiles with halo into (pinned) buffers
+        for _, _, buf in readers(range(grid.n_tiles)):
+            readers.free.put(buf)
+
+    chunk = np.random.default_rng(0).random(target.chunks, dtype=np.float32) * 3
+    writer = ChunkWriter(target)
+
+    def write_only() -> None:  # the pass's writer threads alone: compress and write every chunk
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda t: writer.write(*divmod(t, grid.shape[1]), chunk.copy()), range(grid.n_tiles)))
+
     forward_only()  # warm-up (cuDNN autotuning, allocations)
-    times = common.interleaved({"pass": full_pass, "forward": forward_only}, 3, warmup=0)
+    times = common.interleaved({"pass": full_pass, "forward": forward_only, "read": read_only, "write": write_only},
+                               3, warmup=0)
     return {k: n / common.median(v) for k, v in times.items()}
 
 
@@ -237,8 +254,8 @@ def run(args: argparse.Namespace) -> int:
             share = f"{100 * achieved / peak:.1f}%" if peak else "n/a"
             speed.append([f"{det}x{det}", common.fmt_rate(tr["samples_s"]), f"{tr['wait_pct']:.1f}%",
                           common.fmt_rate(inf["pass"]), common.fmt_rate(inf["forward"]),
-                          f"{inf['pass'] / inf['forward']:.2f}", f"{flops / 1e9:.2f}", f"{achieved / 1e12:.2f}",
-                          share])
+                          f"{inf['pass'] / inf['forward']:.2f}", common.fmt_rate(inf["read"]),
+                          common.fmt_rate(inf["write"]), f"{flops / 1e9:.2f}", f"{achieved / 1e12:.2f}", share])
         det = args.dets[-1]
         cube = common.synth_cube(root, (args.scan, args.scan), (det, det), tile=8, seed=det)
         for w in args.workers:
@@ -249,7 +266,8 @@ def run(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - t_start:.0f} s in all")
     print(common.table(["check", "measured", "result", "s"], rows))
     print(common.table(["patterns", "train samples/s", "data wait", "pass patterns/s", "forward patterns/s",
-                        "pass / forward", "GFLOP/pattern", "TFLOP/s", "of bf16 ceiling"], speed))
+                        "pass / forward", "read patterns/s", "write patterns/s", "GFLOP/pattern", "TFLOP/s",
+                        "of bf16 ceiling"], speed))
     print(common.table(["loader workers", f"GB/s decoded ({det}x{det})", "GB/s per worker"], feed))
     if cuda:  # the network's cost grows with the pattern's area: scale the largest size's measured rate
         rate = inf["pass"] * (det / CAMERA[1]) ** 2

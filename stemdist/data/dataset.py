@@ -27,7 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .tiles import BlockReader, Borders, Grid, flat_index, tile_positions
 
-BAND = 4  # tile columns per band of the epoch's walk
+BAND = 2  # tile columns per band of the epoch's walk: its 3 rows x (BAND + 2) halo chunks fit data.cache_chunks
 RING_SPARE = 1  # shared buffers per worker beyond its prefetched groups (the one the consumer holds)
 Segment = tuple[int, int, int]  # (tile, first sample, end sample) in the tile's raster order
 
@@ -112,7 +112,7 @@ class NeighbourPatches(IterableDataset):
 
     def __init__(self, raw: str, den: str | None = None, beta: float = 0.0, *, batch_size: int = 32,
                  borders: Borders = "reflect", target: str = "mix", shuffle_tiles: int = 4,
-                 cache_chunks: int = 24, num_workers: int = 0, seed: int = 0, cycle: int = 0,
+                 cache_chunks: int = 12, num_workers: int = 0, seed: int = 0, cycle: int = 0,
                  rank: int = 0, world_size: int = 1, prefetch_factor: int = 2):
         super().__init__()
         self.raw, self.den, self.beta = str(raw), None if den is None else str(den), float(beta)

@@ -71,13 +71,14 @@ class Grid:
 class BlockReader:
     """Reads scan blocks with a one-position halo of ``(1 - beta) * raw + beta * den`` as float32.
 
-    Whole chunks are decoded and kept in a small LRU cache, so the halo rows that a tile borrows from
-    its neighbours cost no extra decode when those neighbours are read next. Memory is bounded by
-    ``cache_chunks`` chunks; evicted chunk buffers are reused (fresh pages cost as much as decoding).
+    Whole chunks are decoded and kept in a small LRU cache (in the input's dtype when nothing is
+    blended), so the halo rows that a tile borrows from its neighbours cost no extra decode when those
+    neighbours are read next. Memory is bounded by ``cache_chunks`` chunks; evicted chunk buffers are
+    reused (fresh pages cost as much as decoding).
     """
 
     def __init__(self, raw: zarr.Array, den: zarr.Array | None = None, beta: float = 0.0,
-                 cache_chunks: int = 24, grid: Grid | None = None):
+                 cache_chunks: int = 12, grid: Grid | None = None):
         self.raw, self.den, self.beta = raw, den, float(beta)
         if den is not None and den.shape != raw.shape:
             raise ValueError(f"blend arrays differ in shape: {raw.shape} vs {den.shape}")
@@ -98,11 +99,13 @@ class BlockReader:
         return buf
 
     def _decode(self, cy: int, cx: int) -> np.ndarray:
-        """Chunk ``(cy, cx)`` of the blend, full chunk shape (edge chunks padded), in a reused buffer."""
-        out = self._free.pop() if self._free else np.empty(self.chunk_shape, np.float32)
+        """Chunk ``(cy, cx)`` of the blend, full chunk shape (edge chunks padded), in a reused buffer: the
+        input's own dtype when there is nothing to blend and it is at most 4 bytes (a uint16 cache holds half
+        a float32 one's bytes; blocks are cast when assembled), float32 otherwise."""
         raw = self.sources[0]
-        if raw.dtype == np.float32 and not self.blend:
-            return raw.read(cy, cx, out)
+        if not self.blend and raw.dtype.itemsize <= 4:
+            return raw.read(cy, cx, self._free.pop() if self._free else np.empty(self.chunk_shape, raw.dtype))
+        out = self._free.pop() if self._free else np.empty(self.chunk_shape, np.float32)
         counts = raw.read(cy, cx, self._buffer("raw", raw.dtype))
         if not self.blend:
             np.copyto(out, counts, casting="unsafe")

@@ -1,4 +1,8 @@
-"""Classical denoising baselines, streamed chunk by chunk with bounded memory.
+"""Classical denoising baselines, streamed chunk by chunk with bounded memory: the bar stemdist must clear.
+
+``evaluate --baselines`` scores the whole ladder (:func:`compute`): scan Gaussians at several widths and at
+the SURE width, the 8-neighbour mean, PCA, and PCA followed by the SURE-width Gaussian; the best of them
+*for each image* (BF, ADF, CoM, ...) is the bar.
 
 - ``gaussian``: Gaussian smoothing over the two scan axes (sigma in probe positions, truncated at
   4 sigma, half-sample symmetric borders as ``scipy.ndimage`` ``mode="reflect"``); dask ``map_overlap``.
@@ -23,7 +27,12 @@ from ..layout import mark_complete
 from .metrics import _lazy
 
 GRAM_LIMIT = 4096  # detector pixels up to which the PCA covariance (P·Q)² is accumulated exactly
-NAMES = ("gaussian", "neighbours", "pca")
+SIGMAS = (0.5, 1.0, 1.5, 2.0, 3.0)  # the scan Gaussians of the ladder, in probe positions
+PREFIXES = ("gaussian", "neighbours", "pca")  # every baseline's name starts with one of these
+
+
+def is_baseline(name: str) -> bool:
+    return name.startswith(PREFIXES)
 
 
 def gaussian(arr, sigma: float = 1.0, truncate: float = 4.0) -> da.Array:
@@ -96,26 +105,30 @@ def pca(arr, rank: int = 8, exact: bool | None = None) -> da.Array:
     return d.rechunk({2: -1, 3: -1}).map_blocks(block, dtype=np.float32)
 
 
-def compute(arr, names=NAMES, sigma: float = 1.0, rank: int = 8) -> dict[str, da.Array]:
-    """Lazy baseline cubes by name."""
-    makers = {"gaussian": lambda: gaussian(arr, sigma), "neighbours": lambda: neighbour_mean(arr),
-              "pca": lambda: pca(arr, rank)}
-    unknown = set(names) - set(makers)
-    if unknown:
-        raise ValueError(f"unknown baselines {sorted(unknown)}; known: {', '.join(NAMES)}")
-    return {name: makers[name]() for name in names}
+def compute(arr, sure_sigma: float, sigmas=SIGMAS, rank: int = 8) -> dict[str, tuple[da.Array, dict]]:
+    """The ladder of lazy baseline cubes by name, each with its parameters: ``gaussian_S`` for each of
+    ``sigmas``, ``gaussian_sure`` (the SURE width, from the raw bright-field image), ``neighbours``,
+    ``pca`` (``rank``) and ``pca_gaussian`` (PCA, then the SURE-width Gaussian)."""
+    d = _lazy(arr)
+    out = {f"gaussian_{s:g}": (gaussian(d, s), {"sigma": float(s)}) for s in sigmas}
+    out["gaussian_sure"] = (gaussian(d, sure_sigma) if sure_sigma > 0 else d.astype(np.float32),
+                            {"sigma": float(sure_sigma), "chosen_by": "SURE on the raw bright-field image"})
+    out["neighbours"] = (neighbour_mean(d), {})
+    out["pca"] = (pca(d, rank), {"rank": rank})
+    out["pca_gaussian"] = (gaussian(out["pca"][0], sure_sigma) if sure_sigma > 0 else out["pca"][0],
+                           {"rank": rank, "sigma": float(sure_sigma)})
+    return out
 
 
-def write(arr: zarr.Array, out: str | Path, names=NAMES, sigma: float = 1.0, rank: int = 8,
+def write(arr: zarr.Array, out: str | Path, sure_sigma: float, sigmas=SIGMAS, rank: int = 8,
           tile: int | None = None) -> dict[str, zarr.Array]:
     """Compute the baselines of ``arr`` into Zarr arrays of the group ``out`` (streamed)."""
     tile = tile or arr.chunks[0]
     group = zarr.open_group(str(out), mode="a")
-    params = {"gaussian": {"sigma": sigma}, "neighbours": {}, "pca": {"rank": rank}}
     written = {}
-    for name, lazy in compute(arr, names, sigma, rank).items():
+    for name, (lazy, params) in compute(arr, sure_sigma, sigmas, rank).items():
         z = create_cube(group, name, tuple(arr.shape), tile, "float32", overwrite=True,
-                                attrs={"baseline": name, **params[name]})
+                        attrs={"baseline": name, **params})
         da.store(lazy.astype(np.float32).rechunk(z.chunks), z, lock=False)
         mark_complete(z)
         written[name] = z

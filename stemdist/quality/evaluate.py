@@ -21,10 +21,36 @@ from ..errors import InputError
 from ..layout import FINAL, RunPaths, cycle_number, is_complete
 from . import baselines as bl
 from . import figures as fig
+from . import sure
 from .metrics import DEFINITIONS, Masks, evaluate_cubes, find_masks, mean_pattern
 from .metrics import virtual_images_lazy as lazy_virtual
 
 COLUMNS = ("psnr", "psnr_interior", "ssim", "rel_rmse", "bf_err", "adf_err", "com_y_err", "com_x_err")
+HEADLINE = ("psnr", "bf_err", "adf_err", "com_y_err", "com_x_err")  # what users look at, and the goals' columns
+
+
+def best_baselines(methods: dict[str, dict], name: str = "final") -> dict[str, dict]:
+    """Per headline column, the best baseline for that column and how ``name`` compares with it: PSNR
+    difference in dB (goal >= +3), error ratio (goal <= 0.8)."""
+    out = {}
+    for col in HEADLINE:
+        scored = {b: m[col] for b, m in methods.items() if bl.is_baseline(b)}
+        if not scored:
+            return {}
+        best = (max if col == "psnr" else min)(scored, key=scored.get)
+        mine, bar = methods[name][col], scored[best]
+        out[col] = {"best": best, "value": bar,
+                    **({"delta_db": mine - bar} if col == "psnr" else {"ratio": mine / bar if bar else float("inf")})}
+    return out
+
+
+def dose_gains(methods: dict[str, dict]) -> dict[str, dict]:
+    """Per method and headline column, the raw dose that would give the same error, as a multiple of the
+    actual dose: ``(raw error / error)²``, and ``10^(ΔPSNR / 10)`` for PSNR ("as good as N x the dose")."""
+    raw = methods["raw"]
+    return {name: {col: (10 ** ((m[col] - raw[col]) / 10) if col == "psnr"
+                         else (raw[col] / m[col]) ** 2 if m[col] > 0 else float("inf")) for col in HEADLINE}
+            for name, m in methods.items()}
 
 
 def _open(path: str | Path, dataset: str | None = None) -> da.Array:
@@ -68,7 +94,7 @@ def estimates(paths: RunPaths, raw: zarr.Array) -> dict[str, zarr.Array]:
 
 def evaluate(run_dir: str | Path, truth: str | Path | None = None, reference: str | Path | None = None, *,
              with_baselines: bool = False, truth_dataset: str | None = None, truth_scale: float = 1.0,
-             reference_dataset: str | None = None, sigma: float = 1.0, pca_rank: int = 8,
+             reference_dataset: str | None = None, sigmas=bl.SIGMAS, pca_rank: int = 8,
              center: tuple[float, float] | None = None, bf_radius: float | None = None,
              adf_inner: float | None = None, adf_outer: float | None = None, threshold: float = 0.5,
              figures: bool = True) -> dict:
@@ -84,8 +110,10 @@ def evaluate(run_dir: str | Path, truth: str | Path | None = None, reference: st
         raise InputError(f"{paths.root}: the run has no complete final cube yet (finish it with --resume)")
 
     masks = find_masks(mean_pattern(raw), threshold, center, bf_radius, adf_inner, adf_outer)
+    sure_sigma = None
     if with_baselines:
-        written = bl.write(raw, out_dir / "baselines.zarr", sigma=sigma, rank=pca_rank)
+        sure_sigma = sure.sure_sigma(np.load(paths.raw_bf))
+        written = bl.write(raw, out_dir / "baselines.zarr", sure_sigma, sigmas, rank=pca_rank)
         cubes.update(written)
 
     against, truth_arr, truth_desc = None, None, None
@@ -107,18 +135,21 @@ def evaluate(run_dir: str | Path, truth: str | Path | None = None, reference: st
 
     result = {"run": str(paths.root), "raw": info["raw"], "shape": list(raw.shape), "against": against,
               "truth": truth_desc, "masks": masks.to_dict(), "definitions": DEFINITIONS,
-              "baselines": {"gaussian_sigma": sigma, "pca_rank": pca_rank} if with_baselines else None}
+              "baselines": {"gaussian_sigmas": list(sigmas), "sure_sigma": sure_sigma, "pca_rank": pca_rank}
+              if with_baselines else None}
     if truth_arr is not None:
         metrics, virtual, tv, data_range = evaluate_cubes(cubes, truth_arr, masks)
         result["data_range"] = data_range
         result["methods"] = metrics
+        result["best_baselines"] = best_baselines(metrics) if with_baselines else None
+        result["dose_gain"] = dose_gains(metrics)
         truth_name = "truth" if against == "truth" else "high-dose reference (scaled)"
         images = {**virtual, truth_name: tv}
     else:
         imgs = da.compute(*[lazy_virtual(c, masks) for c in cubes.values()])
         images = dict(zip(cubes, imgs, strict=True))
         truth_name = None
-        result["methods"] = None
+        result["methods"] = result["best_baselines"] = result["dose_gain"] = None
     paths.metrics.write_text(json.dumps(result, indent=2))
     if figures:
         result["figures"] = [str(p) for p in draw(paths, out_dir, cubes, images, truth_arr, truth_name, masks,
@@ -128,7 +159,7 @@ def evaluate(run_dir: str | Path, truth: str | Path | None = None, reference: st
 
 def draw(paths: RunPaths, out_dir: Path, cubes: dict, images: dict, truth_arr, truth_name: str | None,
          masks: Masks, methods: dict | None) -> list[Path]:
-    show = ["raw", "final"] + [n for n in bl.NAMES if n in cubes]
+    show = ["raw", "final"] + [n for n in ("gaussian_sure", "pca", "pca_gaussian") if n in cubes]
     panels = {("denoised" if n == "final" else n): images[n] for n in show}
     pattern_cubes = {"raw": cubes["raw"], "denoised": cubes["final"]}
     if truth_name is not None:
@@ -150,3 +181,19 @@ def draw(paths: RunPaths, out_dir: Path, cubes: dict, images: dict, truth_arr, t
 def table(methods: dict[str, dict], columns=COLUMNS) -> str:
     """One row per method."""
     return console.table(["method", *columns], [[name, *(m[c] for c in columns)] for name, m in methods.items()])
+
+
+def summary_lines(result: dict, name: str = "final") -> list[str]:
+    """The final cube against the best baseline for each column, and its dose gains."""
+    lines = []
+    best = result.get("best_baselines")
+    if best:
+        parts = [f"PSNR {best['psnr']['delta_db']:+.2f} dB vs {best['psnr']['best']}"]
+        parts += [f"{c[:-4].replace('_', ' ')} {best[c]['ratio']:.2f}x {best[c]['best']}" for c in HEADLINE[1:]]
+        lines.append(f"{name} vs the best baseline for each column (goals: >= +3 dB, <= 0.8x): " + "; ".join(parts))
+    gain = (result.get("dose_gain") or {}).get(name)
+    if gain:
+        lines.append(f"{name} is as good as raw data at N x the dose: "
+                     + ", ".join(f"{'PSNR' if c == 'psnr' else c[:-4].replace('_', ' ')} {gain[c]:.1f}x"
+                                 for c in HEADLINE))
+    return lines

@@ -13,6 +13,7 @@ from ..console import bar
 from ..data.tiles import Grid
 from ..io.zarr_store import create_cube
 from ..layout import COMPLETE, FINAL, RunPaths
+from ..quality.sure import sure_sigma
 from . import fusion
 from .inference import owned_tiles
 from .ranks import Ranks
@@ -51,7 +52,7 @@ def plan_final(paths: RunPaths, config: Config, raw: zarr.Array) -> tuple[np.nda
         sigma = config.output.fuse_sigma
         how = "set by output.fuse_sigma"
         if sigma is None:
-            sigma, how = fusion.sure_sigma(np.load(paths.raw_bf)), "chosen by SURE on the raw bright-field image"
+            sigma, how = sure_sigma(np.load(paths.raw_bf)), "chosen by SURE on the raw bright-field image"
         attrs["fuse_sigma"] = sigma
         log.info("final cube: fused with the raw counts over the scan, sigma %.2f positions (%s)", sigma, how)
     create_cube(str(paths.denoised), FINAL, tuple(raw.shape), Grid.of(raw).tile, overwrite=True, attrs=attrs)

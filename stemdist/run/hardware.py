@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import memory
 from ..config import Config
 
 if TYPE_CHECKING:
@@ -56,25 +57,10 @@ def cuda_flags() -> None:
     torch.backends.cudnn.benchmark = True
 
 
-MMAP_THRESHOLD = 1 << 20  # bytes: blocks at least this large are mapped on their own, and returned when freed
-
-
-def return_freed_memory() -> None:
-    """Make the C library map blocks of >= 1 MiB (chunks, blocks, batches) on their own and unmap them when
-    freed. By default glibc raises that threshold as large blocks are freed (up to 32 MiB) and keeps what is
-    freed below it in its heap: a run's peak then grew with the cube (``bench memory``: the main process held
-    ~200 MiB more after a 16x larger cube). No effect where the C library has no ``mallopt``."""
-    import ctypes
-
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is not None:
-        mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (a fixed value also stops the dynamic raising)
-
-
 def setup(config: Config, ranks: Ranks) -> None:
     """Process-wide settings: freed memory returned; TF32 matmuls on GPUs; CPU threads shared among the ranks
     of a node."""
-    return_freed_memory()
+    memory.return_freed_memory()
     if use_cuda(config):
         cuda_flags()
     elif ranks.local_world_size > 1:

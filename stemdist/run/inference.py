@@ -67,7 +67,7 @@ def _positions(grid: Grid, t: int, borders: Borders, device: torch.device
     return _POSITIONS[key]
 
 
-class _Readers:
+class ReadAhead:
     """Tiles with halo read ahead by ``threads`` threads, each with its own :class:`BlockReader` (and its
     share of the chunk cache), in the order asked for, into reused (pinned, for a GPU) buffers."""
 
@@ -106,7 +106,7 @@ class _Readers:
 
 def infer(model: torch.nn.Module, raw: zarr.Array, den: zarr.Array | None, beta: float, out: zarr.Array,
           *, borders: Borders, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1,
-          cache_chunks: int = 24, autocast: torch.dtype | None = None, progress=None,
+          cache_chunks: int = 12, autocast: torch.dtype | None = None, progress=None,
           bf_mask: np.ndarray | None = None, threads: int = 2) -> np.ndarray:
     """Write this rank's chunks of ``out`` = model applied to ``(1 - beta) raw + beta den``.
 
@@ -117,7 +117,7 @@ def infer(model: torch.nn.Module, raw: zarr.Array, den: zarr.Array | None, beta:
     grid = Grid.of(out)  # the output's chunks: each rank writes whole ones
     cuda = device.type == "cuda"
     threads = max(1, threads)
-    readers = _Readers(raw, den, beta, grid, cache_chunks, threads, pin=cuda)
+    readers = ReadAhead(raw, den, beta, grid, cache_chunks, threads, pin=cuda)
     tiles = owned_tiles(grid.n_tiles, rank, world_size)
     model.eval()
     mask = None if bf_mask is None else torch.as_tensor(bf_mask, dtype=torch.float32, device=device)
