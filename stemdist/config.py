@@ -27,7 +27,7 @@ class DataConfig(Section):
     # chunking when it holds whole patterns, else chunks of about CHUNK_BYTES
     tile: int | None = Field(None, ge=1)
     borders: Literal["reflect", "copy"] = "reflect"  # reflect: every position is a sample; copy: reference
-    shuffle_tiles: int = Field(8, ge=1)  # tiles mixed in the per-worker shuffle buffer
+    shuffle_tiles: int = Field(4, ge=1)  # tiles mixed in the per-worker shuffle buffer (bench memory: 8 grew it)
     num_workers: int = Field(2, ge=0)  # loader worker processes per device
     cache_chunks: int = Field(12, ge=1)  # decoded chunks cached per worker (halo reads touch neighbour chunks)
     prefetch_factor: int = Field(1, ge=1)  # tile groups (each many batches) prefetched per worker

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dask.array as da
 import numpy as np
-import pytest
 import zarr
 from scipy import ndimage
 
@@ -68,12 +67,15 @@ def test_write_streams_to_zarr(tmp_path):
     src = zarr.create_array(store=str(tmp_path / "raw.zarr"), shape=cube.shape, chunks=(3, 3, 4, 4),
                             dtype="float32")
     src[:] = cube
-    out = baselines.write(src, tmp_path / "baselines.zarr", sigma=1.0, rank=3)
-    assert set(out) == {"gaussian", "neighbours", "pca"}
+    out = baselines.write(src, tmp_path / "baselines.zarr", 1.5, sigmas=(0.5, 2.0), rank=3)
+    assert set(out) == {"gaussian_0.5", "gaussian_2", "gaussian_sure", "neighbours", "pca", "pca_gaussian"}
     for arr in out.values():
         assert arr.shape == cube.shape and arr.chunks == (3, 3, 4, 4)
         assert arr.attrs["complete"] is True
+    assert out["gaussian_sure"].attrs["sigma"] == 1.5 and out["gaussian_2"].attrs["sigma"] == 2.0
     np.testing.assert_allclose(out["neighbours"][1:-1, 1:-1], cube[1:-1, 1:-1], rtol=1e-6)
     np.testing.assert_allclose(out["pca"][:], cube, rtol=1e-4, atol=1e-3)  # rank 2 + mean is exact
-    with pytest.raises(ValueError):
-        baselines.compute(src, names=("median",))
+    # the ladder's composites are what they say: a Gaussian of the cube, and of the PCA cube
+    np.testing.assert_allclose(out["gaussian_sure"][:], baselines.gaussian(cube, 1.5).compute(), rtol=1e-5)
+    np.testing.assert_allclose(out["pca_gaussian"][:], baselines.gaussian(out["pca"][:], 1.5).compute(),
+                               rtol=1e-4, atol=1e-3)

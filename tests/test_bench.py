@@ -15,7 +15,7 @@ HEADLINES = {
     "loader": r"loader ratio (\d+\.\d+) \(goal >= 2\)",
     "infer": r"infer ratio (\d+\.\d+) \(goal >= 0\.8\)",
     "train": r"train data-wait (\d+\.\d+)% \(goal <= 5%\)",
-    "memory": r"memory growth (-?\d+\.\d+)% \(goal <= 10%\)",
+    "memory": r"memory growth (-?\d+\.\d+)% \(goal <= 5%\)",
     "gpu": r"gpu checks: (\d+) passed, (\d+) skipped, 0 failed on .+",
     "downstream": r"stemdist has the lowest error in (\d+) of (\d+) \(dose, analysis\) pairs .*",
 }

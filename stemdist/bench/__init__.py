@@ -20,6 +20,8 @@ BENCHMARKS = {  # name -> (module, one-line help)
                    "detector size against the bf16 ceiling, loader decode rate (--smoke: CPU form)"),
     "downstream": ("downstream", "other packages' analyses (HyperSpy virtual BF/ADF; py4DSTEM CoM, DPC and "
                                  "ptychography) on raw, Gaussian, PCA and stemdist cubes, scored against the truth's"),
+    "materials": ("materials", "simulate (abTEM, once, cached) the cubes of other crystals and scan steps that "
+                               "`bench quality --materials` scores on"),
     "memory": ("memory", "peak RSS of `stemdist denoise` on synthetic cubes of growing size (GBs on disk)"),
 }
 

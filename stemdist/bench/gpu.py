@@ -19,6 +19,7 @@ On a machine without CUDA it says so in one line and runs the CPU smoke of the s
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 import time
@@ -212,10 +213,12 @@ def decode_rate(cube: Path, workers: int, batch: int, epochs: int = 3) -> float:
     for epoch in range(epochs):
         ds.set_epoch(epoch)
         t0, nbytes = time.perf_counter(), 0
-        for group in loader:
+        groups = iter(loader)
+        for group in groups:
             nbytes += group[0].numel() * 4
             ds.release(group)
         rates.append(nbytes / (time.perf_counter() - t0) / 1e9)
+    del groups, loader  # stops the persistent workers (and frees their shared buffers) now, not at exit
     return common.median(rates[1:])
 
 
@@ -271,8 +274,9 @@ def run(args: argparse.Namespace) -> int:
     print(common.table(["loader workers", f"GB/s decoded ({det}x{det})", "GB/s per worker"], feed))
     if cuda:  # the network's cost grows with the pattern's area: scale the largest size's measured rate
         rate = inf["pass"] * (det / CAMERA[1]) ** 2
+        how = "measured" if det == CAMERA[1] else f"the full pass at {det}x{det}, scaled by the pattern's area"
         print(f"a 4D Camera ({CAMERA[0]:,} patterns/s of {CAMERA[1]}x{CAMERA[1]}): {rate:,.0f} patterns/s per GPU "
-              f"(the full pass at {det}x{det}, scaled by FLOPs), so {CAMERA[0] / rate:.0f} GPUs keep up")
+              f"through the full pass ({how}), so {math.ceil(CAMERA[0] / rate)} GPUs keep up")
     failed = sum(r[2].startswith("FAILED") for r in rows)
     skipped = sum(r[2] == "skipped" for r in rows)
     print(f"gpu checks: {len(rows) - failed - skipped} passed, {skipped} skipped, {failed} failed on {name}")
