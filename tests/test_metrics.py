@@ -120,3 +120,16 @@ def test_ssim_patterns_matches_scikit_image():
                                         use_sample_covariance=False, full=True)
         p = metrics.SSIM_PAD
         assert ours[k] == pytest.approx(full[p:-p, p:-p].mean(), rel=1e-9)
+
+
+def test_bias_figures_say_half_the_counts_and_a_flattened_contrast():
+    """bf/adf_mean and _contrast: 1 for the truth, 0.5 for half the truth, contrast ~0 for a flat estimate."""
+    yy, xx = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    truth = expected_patterns(yy.ravel(), xx.ravel(), 20, 20, 50.0).reshape(8, 8, 20, 20)
+    masks = metrics.find_masks(truth.mean(axis=(0, 1)))
+    flat = np.broadcast_to(truth.mean(axis=(0, 1)), truth.shape).copy()
+    m, *_ = metrics.evaluate_cubes({"truth": truth, "half": truth * 0.5, "flat": flat}, truth, masks)
+    for k in ("bf", "adf"):
+        assert m["truth"][f"{k}_mean"] == pytest.approx(1.0) and m["truth"][f"{k}_contrast"] == pytest.approx(1.0)
+        assert m["half"][f"{k}_mean"] == pytest.approx(0.5) and m["half"][f"{k}_contrast"] == pytest.approx(0.5)
+        assert m["flat"][f"{k}_mean"] == pytest.approx(1.0) and m["flat"][f"{k}_contrast"] < 1e-6

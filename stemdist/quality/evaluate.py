@@ -191,6 +191,12 @@ def summary_lines(result: dict, name: str = "final") -> list[str]:
         parts = [f"PSNR {best['psnr']['delta_db']:+.2f} dB vs {best['psnr']['best']}"]
         parts += [f"{c[:-4].replace('_', ' ')} {best[c]['ratio']:.2f}x {best[c]['best']}" for c in HEADLINE[1:]]
         lines.append(f"{name} vs the best baseline for each column (goals: >= +3 dB, <= 0.8x): " + "; ".join(parts))
+    methods = result.get("methods") or {}
+    bias = [f"{m} BF mean {methods[m]['bf_mean']:.2f}x, contrast {methods[m]['bf_contrast']:.2f}x, ADF mean "
+            f"{methods[m]['adf_mean']:.2f}x, contrast {methods[m]['adf_contrast']:.2f}x"
+            for m in ("raw", "cycle_01", name) if m in methods and "bf_mean" in methods[m]]
+    if bias:
+        lines.append("bias against the truth (1 = right; cycle_01 is the network alone): " + "; ".join(bias))
     gain = (result.get("dose_gain") or {}).get(name)
     if gain:
         lines.append(f"{name} is as good as raw data at N x the dose: "

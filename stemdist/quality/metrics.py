@@ -39,6 +39,9 @@ DEFINITIONS = {
     "adf": "virtual annular dark-field: counts inside the ADF ring",
     "com_y, com_x": "centre of mass of each whole pattern, detector pixels from the disk centre",
     "*_err": "relative error of a virtual image: ||v_est - v_true|| / ||v_true - mean(v_true)||",
+    "bf_mean, adf_mean": "bias: mean of the virtual image / the truth's (1 = the right counts on average)",
+    "bf_contrast, adf_contrast": "bias: standard deviation of the virtual image / the truth's (1 = the right "
+                                 "contrast; noise raises it, over-smoothing lowers it)",
 }
 
 
@@ -234,6 +237,10 @@ def summarise(stats: np.ndarray, truth_virtual: np.ndarray, data_range: float, n
            "rel_rmse": float(np.sqrt(sse.sum() / tsq.sum()))}
     for i, k in enumerate(VIRTUAL):
         out[f"{k}_err"] = relative_image_error(virt[..., i], truth_virtual[..., i])
+    for i, k in enumerate(VIRTUAL[:2]):  # counts images: is the estimate biased (mean, contrast)?
+        t = truth_virtual[..., i]
+        out[f"{k}_mean"] = float(virt[..., i].mean() / t.mean()) if t.mean() else float("nan")
+        out[f"{k}_contrast"] = float(virt[..., i].std() / t.std()) if t.std() else float("nan")
     return out
 
 

@@ -5,8 +5,8 @@ decode tiles ahead (each its own chunk cache), the main thread runs the network 
 also sums each pattern for the images it returns, and ``threads`` writer threads compress and write
 finished chunks (Blosc releases the GIL, so decoding and compression scale with threads). On a GPU the
 blocks go up and the chunks come down once per tile, through pinned buffers. No locks are needed
-because no two ranks (or threads) ever write the same chunk. Memory: ``2 threads + 2`` blocks in flight
-and ``cache_chunks`` decoded chunks, whatever the cube's size.
+because no two ranks (or threads) ever write the same chunk. Memory: ``2 threads + 2`` halo blocks and
+``2 threads`` chunks in flight, and ``cache_chunks`` decoded chunks, whatever the cube's size.
 """
 
 from __future__ import annotations
