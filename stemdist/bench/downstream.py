@@ -122,11 +122,15 @@ def method_cubes(noisy: np.ndarray, root: Path, args: argparse.Namespace) -> tup
     from ..quality.metrics import bright_field_mask, virtual_bf
     from ..quality.sure import sure_sigma
 
-    store = create_cube(root / "noisy.zarr", None, noisy.shape, 8, noisy.dtype, overwrite=True)
-    store[...] = noisy
+    if (root / "run" / "run.json").exists():  # a --workdir kept from an earlier call: finish or reuse its run
+        store = zarr.open_array(str(root / "noisy.zarr"), mode="r")
+    else:
+        store = create_cube(root / "noisy.zarr", None, noisy.shape, 8, noisy.dtype, overwrite=True)
+        store[...] = noisy
     s = sure_sigma(virtual_bf(store, bright_field_mask(store)))
     overrides = {"train": {"epochs": args.epochs}} if args.epochs else {}
-    paths = run_denoise(root / "noisy.zarr", root / "run", cfg.load(args.config, overrides))
+    paths = run_denoise(root / "noisy.zarr", root / "run", cfg.load(args.config, overrides),
+                        resume=(root / "run" / "run.json").exists(), overrides=overrides)
     out = {"raw": noisy,
            "gaussian s=1": baselines.gaussian(store, 1.0).compute(),
            "gaussian SURE": baselines.gaussian(store, s).compute() if s else noisy,
