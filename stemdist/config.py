@@ -36,17 +36,22 @@ class DataConfig(Section):
 class ModelConfig(Section):
     base_width: int = Field(24, ge=1)
     depth: int = Field(4, ge=1, le=8)
+    head: Literal["square", "mean_exp"] = "square"  # square: the reference; mean_exp: mean pattern x exp(net)
 
 
 class TrainConfig(Section):
     cycles: int = Field(1, ge=1)  # reference: 10; one long cycle measured better (README, Quality)
     epochs: int = Field(15, ge=1)
+    # at least this many samples per cycle: a small scan gets more epochs (a 32 x 32 scan's 15 epochs are
+    # 480 optimiser steps, too few to train the network; a 256 x 256 scan's are 30,000)
+    min_samples: int = Field(30000, ge=0)
     warmup_epochs: int = Field(4, ge=0)
     batch_size: int = Field(32, ge=1)  # per device; the global batch is batch_size x world size
     lr: float = Field(1e-3, gt=0)  # Adam learning rate, applied as is whatever the world size
     mean_weight: float = Field(0.0, ge=0)  # reference: 0.02 (weight of the per-pattern mean MSE)
     sum_weight: float = Field(0.0, ge=0)  # reference: 0.01 (weight of the per-pattern sum MSE)
     target: Literal["mix", "raw"] = "mix"  # what the network learns to predict in each cycle
+    relative_weight: float = Field(0.0, ge=0, le=1)  # Poisson loss per pixel x (mean / pixel's mean) ** this
     match_counts: bool = True  # scale the output to the targets' counts before the first Poisson step (ref: off)
     seed: int = 0
 
@@ -76,6 +81,10 @@ class OutputConfig(Section):
     calibrate: bool = False  # scale the final cube per detector pixel so its mean pattern is the raw one
     fuse: bool = True  # fuse the final cube with the raw counts over the scan (stemdist.run.fusion)
     fuse_sigma: float | None = Field(None, ge=0, le=16)  # scan sigma in probe positions; null: by SURE
+    # how SURE chooses the fusion: one width from the raw bright-field image, or widths and weights per
+    # detector region from each region's raw and network images (stemdist.run.fusion)
+    fuse_by: Literal["bright_field", "regions"] = "regions"
+    fuse_sectors: int = Field(4, ge=1, le=16)  # regions: angular sectors of each ring (centre of mass)
 
 
 class Config(Section):

@@ -99,6 +99,10 @@ class RunPaths:
         return self.report / "bf_mask.npy"
 
     @property
+    def mean_pattern(self) -> Path:
+        return self.report / "mean_pattern.npy"
+
+    @property
     def metrics(self) -> Path:
         return self.report / "metrics.json"
 

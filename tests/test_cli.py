@@ -48,7 +48,9 @@ def test_denoise_smoke_writes_every_output_and_improves(tmp_path, smoke_cube):
     truth = zarr.open_array(str(smoke_cube / "truth"), mode="r")
     assert relative_rmse(group["final"], truth) < 0.6 * relative_rmse(raw, truth)
     assert (np.asarray(group["final"][...]) >= 0).all()
-    assert 0 <= group["final"].attrs["fuse_sigma"] <= 4  # chosen by SURE (default config)
+    plan = group["final"].attrs["fuse_plan"]  # chosen by SURE per detector region (default config)
+    assert len(plan["rings"]) == 4 and len(plan["sectors"]) == 16 and 0 <= plan["detail_gain"] <= 1
+    assert "chosen by SURE per detector region" in (run / "stemdist.log").read_text()
 
 
 def test_keep_last_copy_borders_and_npy_input(tmp_path, small_cube):

@@ -101,4 +101,111 @@ def test_fuse_block_leaves_its_inputs_alone():
 @pytest.mark.parametrize("n,sigma", [(3, 4.0), (7, 1.25), (40, 2.0), (5, 0.25)])
 def test_self_weights_are_the_smoothing_matrix_diagonal(n, sigma):
     matrix = ndimage.gaussian_filter1d(np.eye(n), sigma, axis=0, truncate=sure.TRUNCATE, mode="reflect")
-    np.testing.assert_allclose(sure._self_weights(n, sigma), np.diagonal(matrix), atol=1e-12)
+    np.testing.assert_allclose(sure.self_weights(n, sigma), np.diagonal(matrix), atol=1e-12)
+
+
+# --- the regions fusion ----------------------------------------------------------------------------
+
+def disk_cube(rng, H=24, W=24, P=16, dose=40.0, shift_amp=1.5):
+    """Patterns of a bright disk whose centre shifts smoothly over the scan and a dark-field halo whose level
+    varies: counts, truth, the halo's part of the truth and the detector's regions."""
+    yy, xx = np.mgrid[:H, :W]
+    ky, kx = np.mgrid[:P, :P]
+    cy = 7.5 + shift_amp * np.sin(2 * np.pi * yy / H)[..., None, None]
+    cx = 7.5 + shift_amp * np.cos(2 * np.pi * xx / W)[..., None, None]
+    r2 = (ky - cy) ** 2 + (kx - cx) ** 2
+    disk = 1.0 / (1 + np.exp((np.sqrt(r2) - 4.0) * 3))
+    halo = 0.05 * (1 + 0.8 * np.sin(2 * np.pi * (yy + xx) / 8))[..., None, None] * np.exp(-r2 / 40)
+    norm = dose / (disk + halo).sum(axis=(2, 3), keepdims=True)
+    labels = fusion.detector_regions((P, P), (7.5, 7.5), 4.0, sectors=4)
+    return rng.poisson((disk + halo) * norm).astype(np.float32), (disk + halo) * norm, halo * norm, labels
+
+
+def network_like(raw: np.ndarray, halo: np.ndarray) -> np.ndarray:
+    """What a blind-spot network gives: its 8 neighbours' mean, smooth over the detector, with the
+    dark-field halo's contrast lost (its level the scan's average)."""
+    n8 = np.ones((3, 3, 1, 1)) / 8
+    n8[1, 1] = 0
+    den = ndimage.gaussian_filter(ndimage.convolve(raw.astype(np.float64), n8, mode="reflect"), (0, 0, 1, 1))
+    return np.maximum(den - halo + halo.mean(axis=(0, 1)), 0).astype(np.float32)
+
+
+def write(tmp_path, name, arr, tile):
+    z = create_cube(tmp_path / f"{name}.zarr", None, arr.shape, tile, str(arr.dtype))
+    z[...] = arr
+    return z
+
+
+def test_regions_fusion_chunk_by_chunk_equals_the_whole_cube_and_keeps_region_totals(tmp_path):
+    rng = np.random.default_rng(5)
+    raw_np, truth, halo, labels = disk_cube(rng)
+    den_np = (truth * rng.uniform(0.7, 1.3, truth.shape)).astype(np.float32)  # a noisy, biased "network"
+    raw, den = write(tmp_path, "raw", raw_np, 7), write(tmp_path, "den", den_np, 7)
+    plan = fusion.choose_regions(raw, den, labels, truth.mean(axis=(0, 1)), sectors=4, share_sigma=1.0)
+    whole = plan.apply(raw_np, den_np)
+    out = create_cube(tmp_path / "out.zarr", None, raw_np.shape, 7, "float32")
+    fusion.fuse_into(out, raw, den, plan, threads=2)
+    np.testing.assert_allclose(out[...], whole, rtol=1e-5, atol=1e-5)
+    assert (whole >= 0).all()
+    # every region of every pattern holds the fused total that SURE chose for it
+    totals = np.maximum(plan.fused_totals(den_np, 0, 0), 0)
+    np.testing.assert_allclose(plan.totals(whole), totals, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(raw[...], raw_np)  # the inputs are left as they were
+    np.testing.assert_array_equal(den[...], den_np)
+
+
+def test_regions_fusion_beats_the_network_and_the_single_width_fusion(tmp_path):
+    rng = np.random.default_rng(6)
+    raw_np, truth, halo, labels = disk_cube(rng, dose=100.0)
+    den_np = network_like(raw_np, halo)
+    raw, den = write(tmp_path, "raw", raw_np, 8), write(tmp_path, "den", den_np, 8)
+    sigma = sure.sure_sigma(raw_np.sum(axis=(2, 3)))
+    plan = fusion.choose_regions(raw, den, labels, truth.mean(axis=(0, 1)), sectors=4, share_sigma=sigma / 2)
+    regions = plan.apply(raw_np, den_np)
+    bright = fusion.fuse_block(raw_np, den_np, sigma)
+    err = lambda e: float(((e - truth) ** 2).mean())  # noqa: E731
+    assert err(regions) < 0.8 * err(den_np)
+    assert err(regions) < err(bright)
+    # the dark-field ring's image (its contrast is what the network lost): better than both
+    ring = labels // 4 == 2
+    assert err_img(regions, truth, ring) < 0.5 * min(err_img(den_np, truth, ring), err_img(bright, truth, ring))
+
+
+def err_img(est, truth, mask):
+    return float(((est[..., mask].sum(-1) - truth[..., mask].sum(-1)) ** 2).mean())
+
+
+def test_fusion_choice_leaves_a_useless_network_for_the_raw_counts_and_uses_a_good_one():
+    rng = np.random.default_rng(7)
+    lam = smooth_image(32)
+    y = rng.poisson(lam).astype(np.float64)
+    s1, s2, g, w = sure.fusion_choice(y, rng.uniform(0, 200, lam.shape))  # the "network" is noise
+    assert w == 0 and g == 1 and s2 >= 1
+    # a blind-spot predictor: the mean of the 8 neighbours' counts (what SURE's approximation assumes)
+    n8 = np.ones((3, 3)) / 8
+    n8[1, 1] = 0
+    net = ndimage.convolve(y, n8, mode="reflect")
+    s1, s2, g, w = sure.fusion_choice(y, net)
+    smooth = lambda a, s: ndimage.gaussian_filter(a, s, truncate=sure.TRUNCATE, mode="reflect") if s else a  # noqa: E731
+    a = w * smooth(net, s1)
+    chosen = ((a + g * smooth(y - a, s2) - lam) ** 2).sum()
+    risks = {s: ((smooth(y, s) - lam) ** 2).sum() for s in sure.FUSION_S2}
+    assert chosen <= 1.1 * min(risks.values())  # as good as the best width of the raw counts, or better
+    assert chosen < 0.5 * ((net - lam) ** 2).sum()  # and much better than the network alone
+
+
+def test_split_choice_follows_the_counts_where_the_network_splits_a_total_wrongly():
+    rng = np.random.default_rng(8)
+    whole = np.full((32, 32), 400.0)
+    part = 0.5 + 0.2 * np.sin(2 * np.pi * np.arange(32) / 32)[:, None] * np.ones((1, 32))
+    counts_part = rng.poisson(whole * part).astype(np.float64)
+    counts_whole = counts_part + rng.poisson(whole * (1 - part))
+    s, g = fusion.split_choice(counts_part, np.full(whole.shape, 0.5), counts_whole, whole)
+    assert g > 0.5 and s >= 1  # the network's flat split is wrong; the smooth counts are trusted
+
+
+def test_detector_regions_rings_and_sectors():
+    labels = fusion.detector_regions((21, 21), (10.0, 10.0), 4.0, rings=(1.0, 1.2, 3.0), sectors=4)
+    assert labels[10, 10] // 4 == 0 and labels[10, 19] // 4 == 2 and labels[0, 0] // 4 == 3
+    assert len(np.unique(labels)) == 16
+    assert set(np.unique(labels[8:13, 8:13] // 4)) == {0}

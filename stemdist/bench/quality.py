@@ -180,9 +180,9 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(res["methods"]))
         for line in summary_lines(res):
             print(line)
-    if args.json:
-        summary = {"protocol": protocol(config_name, over), "doses": results}
-        args.json.write_text(json.dumps(summary, indent=2))
+        if args.json:  # after every case: a run cut short keeps what it measured
+            summary = {"protocol": protocol(config_name, over), "doses": results}
+            args.json.write_text(json.dumps(summary, indent=2))
     rows = []
     for key, r in results.items():
         best, gain = r["best_baselines"], r["dose_gain"]["final"]

@@ -1,6 +1,10 @@
 """Stein's unbiased risk estimate (SURE) of Gaussian smoothing over the scan, for Poisson counts: the width
 that minimises it is chosen from the data alone (no truth). Used by the fusion of the final cube and by
-the ``gaussian_sure`` baseline."""
+the ``gaussian_sure`` baseline.
+
+For Poisson counts ``y`` with expectation ``x`` and an estimate ``f(y)``,
+``E|f(y) - x|² = E[|f(y) - y|² + 2 Σ_p (∂f_p/∂y_p) y_p - Σ_p y_p]``: the risk of any smoother follows from
+the data and the smoother's weight on each position itself."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ TRUNCATE = 3.0  # Gaussian kernels are cut at 3 sigma
 CANDIDATES = np.arange(0.0, 4.01, 0.25)  # scan sigmas tried by SURE, in probe positions
 
 
-def _self_weights(n: int, sigma: float) -> np.ndarray:
+def self_weights(n: int, sigma: float) -> np.ndarray:
     """Per position along an axis of ``n``, the weight the 1-D Gaussian (reflected at the ends, as used)
     gives the position itself: larger near the ends, where the reflection folds the kernel back."""
     if sigma == 0:
@@ -29,12 +33,17 @@ def _self_weights(n: int, sigma: float) -> np.ndarray:
     return out
 
 
+def centre_weight(sigma: float) -> float:
+    """The weight a 1-D Gaussian of ``sigma`` (as applied, cut at ``TRUNCATE``) gives the centre itself."""
+    return float(self_weights(4 * int(TRUNCATE * sigma + 1) + 1, sigma)[2 * int(TRUNCATE * sigma + 1)])
+
+
 def sure_risk(counts: np.ndarray, sigma: float) -> float:
     """SURE of smoothing a Poisson ``counts`` image by a Gaussian of ``sigma``: unbiased for the squared
     error against the expected counts (each pixel's variance estimated by its counts)."""
     y = np.asarray(counts, np.float64)
     smooth = ndimage.gaussian_filter(y, sigma, truncate=TRUNCATE, mode="reflect") if sigma else y
-    self_weight = np.outer(_self_weights(y.shape[0], sigma), _self_weights(y.shape[1], sigma))
+    self_weight = np.outer(self_weights(y.shape[0], sigma), self_weights(y.shape[1], sigma))
     return float(((smooth - y) ** 2).sum() + ((2 * self_weight - 1) * y).sum())
 
 
@@ -47,3 +56,55 @@ def sure_sigma(counts: np.ndarray, candidates: np.ndarray = CANDIDATES) -> float
         raise ValueError("sure_sigma: the image must hold non-negative finite counts")
     risks = [sure_risk(y, float(s)) for s in candidates]
     return float(candidates[int(np.argmin(risks))])
+
+
+FUSION_S1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # scan widths smoothing the network's image
+FUSION_S2 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # scan widths smoothing the residual
+_N8 = np.ones((3, 3)) / 8
+_N8[1, 1] = 0
+
+
+def _smooth(a: np.ndarray, sigma: float) -> np.ndarray:
+    return ndimage.gaussian_filter(a, sigma, truncate=TRUNCATE, mode="reflect") if sigma else a
+
+
+def neighbour_weights(s1: float, s2: float) -> tuple[float, float]:
+    """Weight on a position itself of ``G_{s1} N`` and ``G_{s2} G_{s1} N``, where ``N`` averages the 8
+    neighbours: how the network's image, taken as its neighbours' mean, passes a position's own counts
+    back to it once smoothed (an interior position; the scan's edges are a small share)."""
+    r = int(TRUNCATE * (s1 + s2) + 0.5) + 2
+    delta = np.zeros((2 * r + 1, 2 * r + 1))
+    delta[r, r] = 1.0
+    n1 = ndimage.convolve(_smooth(delta, s1), _N8, mode="constant")
+    return float(n1[r, r]), float(_smooth(n1, s2)[r, r])
+
+
+def fusion_choice(counts: np.ndarray, network: np.ndarray, s1s=FUSION_S1, s2s=FUSION_S2
+                  ) -> tuple[float, float, float, float]:
+    """``(s1, s2, g, w)`` minimising SURE of ``w G_{s1}(network) + g G_{s2}(counts - w G_{s1}(network))`` for
+    one virtual image: ``counts`` the raw image, ``network`` the blind-spot network's (which does not depend
+    on a position's own counts; its dependence on the 8 neighbours' is taken as their mean, which overstates
+    what the smoothed network passes back and so errs towards less smoothing). ``w`` is 1, or 0 where a
+    plain Gaussian of the raw counts (``g`` = 1) has the lower risk: the network is never used where it
+    does worse. ``g`` in [0, 1] is exact for each pair of widths: SURE is quadratic in it."""
+    y = np.asarray(counts, np.float64)
+    lam = np.asarray(network, np.float64)
+    if y.shape != lam.shape or y.ndim != 2:
+        raise ValueError(f"fusion_choice: two 2-D images of one shape are needed, got {y.shape} and {lam.shape}")
+    best = (0.0, 0.0, 1.0, 0.0, np.inf)
+    for s2 in s2s:  # the raw counts alone
+        risk = sure_risk(y, float(s2))
+        if risk < best[4]:
+            best = (0.0, float(s2), 1.0, 0.0, risk)
+    for s1 in s1s:
+        a = _smooth(lam, s1)
+        for s2 in s2s:
+            b = _smooth(y - a, s2)
+            own = np.outer(self_weights(y.shape[0], s2), self_weights(y.shape[1], s2))
+            via_a, via_ab = neighbour_weights(s1, s2)
+            bb = float((b * b).sum())
+            g = 0.0 if bb == 0 else float(np.clip(((b * (y - a)).sum() - ((own - via_ab) * y).sum()) / bb, 0, 1))
+            risk = float(((a + g * b - y) ** 2).sum() + 2 * ((g * (own - via_ab) + via_a) * y).sum() - y.sum())
+            if risk < best[4]:
+                best = (float(s1), float(s2), g, 1.0, risk)
+    return best[:4]

@@ -13,12 +13,20 @@ from ..console import bar
 from ..data.tiles import Grid
 from ..io.zarr_store import create_cube
 from ..layout import COMPLETE, FINAL, RunPaths
+from ..quality.metrics import find_masks
 from ..quality.sure import sure_sigma
 from . import fusion
 from .inference import owned_tiles
 from .ranks import Ranks
 
 log = logging.getLogger("stemdist")
+
+
+def raw_mean_pattern(paths: RunPaths, raw: zarr.Array) -> np.ndarray:
+    """The raw cube's mean pattern, saved at set-up (computed here for runs of earlier versions)."""
+    if paths.mean_pattern.exists():
+        return np.load(paths.mean_pattern)
+    return da.from_zarr(raw).astype(np.float64).mean(axis=(0, 1)).compute()
 
 
 def detector_gain(raw: zarr.Array, estimate: da.Array) -> np.ndarray:
@@ -38,8 +46,26 @@ def estimate(paths: RunPaths, config: Config) -> da.Array:
     return da.from_zarr(str(paths.cycle(C)))
 
 
-def plan_final(paths: RunPaths, config: Config, raw: zarr.Array) -> tuple[np.ndarray | None, float]:
-    """Rank 0: the calibration gain (or None) and the fusion's sigma; creates the (empty) final array."""
+def fusion_plan(paths: RunPaths, config: Config, raw: zarr.Array, stack: da.Array
+                ) -> tuple[fusion.Plan | fusion.RegionPlan, str]:
+    """The fusion's plan and how it was chosen."""
+    shape = tuple(raw.shape[2:])
+    if config.output.fuse_sigma is not None:
+        return fusion.Plan.uniform(shape, config.output.fuse_sigma), "set by output.fuse_sigma"
+    if config.output.fuse_by == "bright_field":
+        return (fusion.Plan.uniform(shape, sure_sigma(np.load(paths.raw_bf))),
+                "chosen by SURE on the raw bright-field image")
+    mean = raw_mean_pattern(paths, raw)
+    masks = find_masks(mean)
+    labels = fusion.detector_regions(shape, masks.center, masks.bf_radius, sectors=config.output.fuse_sectors)
+    share_sigma = sure_sigma(np.load(paths.raw_bf)) / 2
+    plan = fusion.choose_regions(raw, stack, labels, mean, config.output.fuse_sectors, share_sigma)
+    return plan, f"chosen by SURE per detector region: {plan.summary()}"
+
+
+def plan_final(paths: RunPaths, config: Config, raw: zarr.Array
+               ) -> tuple[np.ndarray | None, fusion.Plan | fusion.RegionPlan | None]:
+    """Rank 0: the calibration gain (or None) and the fusion's plan; creates the (empty) final array."""
     C = config.train.cycles
     stack = estimate(paths, config)
     attrs = {COMPLETE: False, "estimate": config.output.final, "cycles": C, "calibrated": config.output.calibrate}
@@ -47,20 +73,22 @@ def plan_final(paths: RunPaths, config: Config, raw: zarr.Array) -> tuple[np.nda
     if config.output.calibrate:
         gain = detector_gain(raw, stack).astype(np.float32)
         attrs["gain_range"] = [float(gain.min()), float(gain.max())]
-    sigma = 0.0
+    plan = None
     if config.output.fuse:
-        sigma = config.output.fuse_sigma
-        how = "set by output.fuse_sigma"
-        if sigma is None:
-            sigma, how = sure_sigma(np.load(paths.raw_bf)), "chosen by SURE on the raw bright-field image"
-        attrs["fuse_sigma"] = sigma
-        log.info("final cube: fused with the raw counts over the scan, sigma %.2f positions (%s)", sigma, how)
+        plan, how = fusion_plan(paths, config, raw, stack if gain is None else stack * gain)
+        if isinstance(plan, fusion.Plan):
+            attrs["fuse_sigma"] = float(plan.s2.max())
+            log.info("final cube: fused with the raw counts over the scan, sigma %.2f positions (%s)",
+                     attrs["fuse_sigma"], how)
+        else:
+            attrs["fuse_plan"] = plan.describe()
+            log.info("final cube: fused with the raw counts over the scan, %s", how)
     create_cube(str(paths.denoised), FINAL, tuple(raw.shape), Grid.of(raw).tile, overwrite=True, attrs=attrs)
-    return gain, float(sigma)
+    return gain, plan
 
 
-def write_final(paths: RunPaths, config: Config, raw: zarr.Array, gain: np.ndarray | None, sigma: float,
-                ranks: Ranks) -> None:
+def write_final(paths: RunPaths, config: Config, raw: zarr.Array, gain: np.ndarray | None,
+                plan: fusion.Plan | fusion.RegionPlan | None, ranks: Ranks) -> None:
     """Every rank: its own whole chunks of the final cube (calibrated, fused), as in inference."""
     stack = estimate(paths, config)
     if gain is not None:
@@ -68,4 +96,4 @@ def write_final(paths: RunPaths, config: Config, raw: zarr.Array, gain: np.ndarr
     final = zarr.open_array(str(paths.final), mode="r+")
     mine = owned_tiles(Grid.of(final).n_tiles, ranks.rank, ranks.world_size)
     with bar("final cube", len(mine), ranks.is_main) as advance:
-        fusion.fuse_into(final, raw, stack, sigma, chunks=mine, progress=advance)
+        fusion.fuse_into(final, raw, stack, 0.0 if plan is None else plan, chunks=mine, progress=advance)

@@ -2,18 +2,24 @@
 
 The blind-spot network predicts each pattern from its 8 neighbours only, about 8 x the dose of
 one pattern. On a scan whose probes overlap, the signal varies smoothly from position to position,
-so much more of the raw data says something about every position. The fused estimate keeps the
-network's detail and takes the slowly varying part from the raw counts, which are unbiased:
+so much more of the raw data says something about every position. The fused estimate keeps what the
+network gets right and takes the rest from the raw counts, which are unbiased. Two plans, both chosen
+from the data alone (no truth) with Stein's unbiased risk estimate (SURE, :mod:`stemdist.quality.sure`):
 
-    final = G_{s/2}(den) + G_{s, d}(raw - G_{s/2}(den))
-
-``G_s`` is a Gaussian over the scan (``s`` in probe positions), ``G_{s, d}`` also smooths the
-residual by ``d`` pixels over the detector. The residual corrects what the network gets wrong on
-average (a darker bright-field disk, a brighter dark-field background); the light smoothing of the
-network's cube averages out its own estimation noise. ``s`` is chosen from the data, without any
-truth: the Gaussian width that minimises Stein's unbiased risk estimate (SURE) for smoothing the raw
-virtual bright-field image, Poisson counts assumed. Coarse scans or high doses, where smoothing
-would blur real contrast, get a small ``s`` (0: the network's cube unchanged).
+- :class:`Plan` (``output.fuse_by: bright_field``): one scan width ``s`` for every detector pixel,
+  ``final = G_{s/2}(den) + G_{s, d}(raw - G_{s/2}(den))``, ``s`` the width that minimises SURE for
+  smoothing the raw virtual bright-field image. ``G_s`` is a Gaussian over the scan (``s`` in probe
+  positions), ``G_{s, d}`` also smooths by ``d`` pixels over the detector.
+- :class:`RegionPlan` (``output.fuse_by: regions``): the detector is cut into regions (the bright-field
+  disk, the dark-field ring out to 3 disk radii and what lies beyond, each in four quadrants so the centre
+  of mass keeps its own choice). Each region's *total* gets the estimate that minimises SURE for its own
+  virtual image: ``w G_{s1}(net) + g G_{s2}(raw - w G_{s1}(net))`` over the region's images, with a
+  plain Gaussian of the raw counts (``w`` = 0) where that is better than anything built on the network.
+  What lies *within* a region (the pattern's detail, which no virtual image of these regions sees)
+  is the network's, corrected by ``g' G_{s', d}`` of its residual, with ``(s', d, g')`` chosen by SURE
+  over every pixel of sampled chunks. The correction of a region's total is spread over its pixels in
+  proportion to the network's own pattern, so bright-field, dark-field and centre-of-mass images get the
+  smoothing their signal and noise call for, and the per-pixel detail its own.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import math
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np
@@ -30,30 +37,349 @@ from scipy import ndimage
 
 from .. import faults
 from ..data.tiles import Grid
-from ..quality.sure import TRUNCATE
+from ..quality.sure import FUSION_S2, TRUNCATE, fusion_choice, self_weights
+
+RINGS = (1.0, 1.2, 3.0)  # region edges in disk radii: bright-field disk, gap, dark-field ring (evaluate's), beyond
+SECTORS = 4  # quadrants per ring
 
 
-def depth(sigma: float) -> int:
-    """Scan positions of halo a chunk needs for the fused estimate with ``sigma``."""
-    return math.ceil(TRUNCATE * sigma / 2) + math.ceil(TRUNCATE * sigma)
+@dataclass(frozen=True)
+class Plan:
+    """Per detector pixel ``(P, Q)``: the scan width smoothing the network's cube (``s1``), the one smoothing
+    the residual (``s2``) and the residual's weight (``gain``); ``detector_sigma`` smooths the residual over
+    the detector."""
+
+    s1: np.ndarray
+    s2: np.ndarray
+    gain: np.ndarray
+    detector_sigma: float = 1.0
+
+    @classmethod
+    def uniform(cls, shape: tuple[int, int], sigma: float, detector_sigma: float = 1.0) -> Plan:
+        """One scan width ``sigma`` for every pixel (``s1 = sigma/2``, ``s2 = sigma``); 0: the network's cube."""
+        if sigma < 0 or detector_sigma < 0:
+            raise ValueError(f"fuse: sigmas must be >= 0, got {sigma} and {detector_sigma}")
+        full = np.full(shape, float(sigma))
+        return cls(full / 2, full, np.full(shape, 1.0 if sigma else 0.0), detector_sigma)
+
+    @property
+    def identity(self) -> bool:
+        return not self.gain.any() and not self.s1.any()
+
+    def depth(self) -> int:
+        """Scan positions of halo a chunk needs."""
+        return math.ceil(TRUNCATE * float(self.s1.max())) + math.ceil(TRUNCATE * float(self.s2.max()))
+
+    def apply(self, raw: np.ndarray, den: np.ndarray, y0: int = 0, x0: int = 0) -> np.ndarray:
+        """The fused block (float32, clipped at 0); the inputs are left as they are."""
+        den32 = np.asarray(den, np.float32)
+        if self.identity:
+            return den32
+        smooth = np.empty_like(den32)
+        _scan_smooth(den32, self.s1, smooth)
+        residual = np.subtract(raw, smooth, dtype=np.float32)
+        if self.detector_sigma:
+            residual = _detector_smooth(residual, self.detector_sigma)
+        _scan_smooth(residual, self.s2, smooth, self.gain.astype(np.float32))
+        return np.maximum(smooth, 0, out=smooth)  # expected counts are never negative
+
+    def describe(self) -> dict:
+        return {"sigma": float(self.s2.max())}
 
 
-def fuse_block(raw: np.ndarray, den: np.ndarray, sigma: float, detector_sigma: float = 1.0, *,
-               overwrite: bool = False) -> np.ndarray:
-    """The fused estimate of one block of positions (whole patterns), float32, clipped at 0.
+def detector_regions(shape: tuple[int, int], center: tuple[float, float], bf_radius: float,
+                     rings: tuple[float, ...] = RINGS, sectors: int = SECTORS) -> np.ndarray:
+    """Region label of every detector pixel: ring (edges in disk radii) x angular sector."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    r = np.hypot(yy - center[0], xx - center[1]) / max(bf_radius, 1e-9)
+    ring = np.searchsorted(np.asarray(rings, float), r)
+    angle = np.arctan2(yy - center[0], xx - center[1]) + np.pi
+    sector = np.minimum((angle / (2 * np.pi) * sectors).astype(int), sectors - 1)
+    return ring * sectors + sector
 
-    With ``overwrite``, ``den`` may serve as scratch space (one block of memory less); the inputs are
-    otherwise left as they are.
-    """
-    den32 = np.asarray(den, np.float32)
-    if sigma == 0:
-        return den32
-    smooth = ndimage.gaussian_filter(den32, (sigma / 2, sigma / 2, 0, 0), truncate=TRUNCATE, mode="reflect")
-    residual = np.subtract(raw, smooth, dtype=np.float32)
-    scratch = den32 if overwrite or den32 is not den else None
-    smooth += ndimage.gaussian_filter(residual, (sigma, sigma, detector_sigma, detector_sigma), output=scratch,
-                                      truncate=TRUNCATE, mode="reflect")
-    return np.maximum(smooth, 0, out=smooth)  # expected counts are never negative
+
+DETAIL_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # scan widths tried for the detail's correction
+DETAIL_DETECTOR = (0.0, 1.0)  # detector widths tried for the detail's correction
+SAMPLE_CHUNKS = 12  # scan chunks whose every pixel scores the detail's candidates
+
+
+def _scan(arr: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian over the scan axes (the first two) of a block."""
+    if not sigma:
+        return arr
+    return ndimage.gaussian_filter(arr, (sigma, sigma) + (0,) * (arr.ndim - 2), truncate=TRUNCATE, mode="reflect")
+
+
+@dataclass(frozen=True)
+class RegionPlan:
+    """The ``regions`` fusion. Per position and region ``R`` of the detector, the fused total ``E_R`` (the
+    network's plus ``correction``, computed once over the whole scan from the region images) is spread
+    over the region's pixels by the network's shares ``π = net / net_R``, smoothed over the scan by
+    ``share_sigma`` (the network's own estimation noise); the counts' own detail within regions
+    (``raw - π raw_R``, smoothed by
+    ``detector_sigma`` over the detector and ``detail_sigma`` over the scan) is added with weight
+    ``detail_gain``. Region totals are exactly ``E_R``: the detail sums to 0 in every region, and
+    patterns with negative pixels are clipped and rescaled within each region."""
+
+    labels: np.ndarray  # (P, Q) region of each detector pixel
+    shares: np.ndarray  # (P, Q) each pixel's share of its region in the mean pattern (where the network has 0)
+    correction: np.ndarray  # (H, W, n) float32
+    share_sigma: float
+    detail_sigma: float
+    detector_sigma: float
+    detail_gain: float
+    choices: dict  # SURE's choices: the total's (s1, s2, g, w), each ring's and sector's split (s, g)
+
+    def depth(self) -> int:
+        return math.ceil(TRUNCATE * self.share_sigma) + math.ceil(TRUNCATE * self.detail_sigma)
+
+    @property
+    def n(self) -> int:
+        return self.correction.shape[-1]
+
+    def totals(self, block: np.ndarray) -> np.ndarray:
+        """Sums over each region, ``(h, w, n)``."""
+        onehot = np.eye(self.n, dtype=np.float32)[self.labels]
+        return np.tensordot(block, onehot, axes=([2, 3], [0, 1]))
+
+    def spread(self, den: np.ndarray) -> np.ndarray:
+        """The network's share of its region's total at every pixel, smoothed over the scan by
+        ``share_sigma`` (sums to 1 over each region)."""
+        lam = np.asarray(den, np.float32)
+        tot = self.totals(lam)[..., self.labels]
+        return _scan(np.where(tot > 1e-12, lam / np.maximum(tot, 1e-12), self.shares.astype(np.float32)),
+                     self.share_sigma)
+
+    def detail(self, raw: np.ndarray, share: np.ndarray, detector_sigma: float) -> np.ndarray:
+        """The counts less their region totals spread by ``share``, smoothed over the detector, less what
+        that smoothing moved between regions: 0 summed over every region."""
+        y = np.asarray(raw, np.float32)
+        d = y - share * self.totals(y)[..., self.labels]
+        if detector_sigma:
+            d = _detector_smooth(d, detector_sigma)
+            d -= share * self.totals(d)[..., self.labels]
+        return d
+
+    def detail_own(self, share: np.ndarray, detector_sigma: float) -> np.ndarray:
+        """The weight :meth:`detail` gives each pixel's own count (the diagonal of that linear map at every
+        position), exactly, edges of the detector and of the regions included: what SURE needs."""
+        if not detector_sigma:
+            return 1 - share  # the count, less its share of its region's total
+        P, Q = self.labels.shape
+        own = np.outer(self_weights(P, detector_sigma), self_weights(Q, detector_sigma)).astype(np.float32)
+        spread_back = np.zeros_like(share)  # (G_d (share · 1_R))_k for k in R: what the smoothing of the shares returns
+        kept = np.zeros(self.labels.shape, np.float32)  # (G_d 1_R)_k: how much of k's own region stays in it
+        for r in range(self.n):
+            m = self.labels == r
+            if not m.any():
+                continue
+            spread_back[..., m] = _detector_smooth(share * m, detector_sigma)[..., m]
+            kept[m] = ndimage.gaussian_filter(m.astype(np.float32), detector_sigma, truncate=TRUNCATE,
+                                              mode="reflect")[m]
+        second = kept - self.totals(kept * share)[..., self.labels]  # the projection's own weight, over the share
+        return own - spread_back - share * second
+
+    def fused_totals(self, den: np.ndarray, y0: int, x0: int) -> np.ndarray:
+        h, w = den.shape[:2]
+        return self.totals(np.asarray(den, np.float32)) + self.correction[y0:y0 + h, x0:x0 + w]
+
+    def apply(self, raw: np.ndarray, den: np.ndarray, y0: int = 0, x0: int = 0) -> np.ndarray:
+        """The fused block whose first position is ``(y0, x0)`` of the scan (float32, non-negative)."""
+        share = self.spread(den)
+        totals = np.maximum(self.fused_totals(den, y0, x0), 0)
+        out = share * totals[..., self.labels]
+        if self.detail_gain:
+            out += np.float32(self.detail_gain) * _scan(self.detail(raw, share, self.detector_sigma),
+                                                        self.detail_sigma)
+        return self.clip(out, totals)
+
+    def clip(self, out: np.ndarray, totals: np.ndarray) -> np.ndarray:
+        """Negative pixels to 0, each region rescaled to keep its total."""
+        np.maximum(out, 0, out=out)
+        kept = self.totals(out)
+        scale = np.where(kept > 0, totals / np.maximum(kept, 1e-30), 0).astype(np.float32)
+        out *= scale[..., self.labels]
+        return out
+
+    def summary(self) -> str:
+        s1, s2, g, w = self.choices["total"]
+        total = f"raw s {s2:g}" if not w else f"network s {s1:g} + {g:.2f} x residual s {s2:g}"
+        split = lambda c: ", ".join(f"({s:g}, {g:.2f})" for s, g in c)  # noqa: E731
+        return (f"total {total}; rings (s, g) [{split(self.choices['rings'])}]; sectors "
+                f"[{split(self.choices['sectors'])}]; shares s {self.share_sigma:g}; detail s {self.detail_sigma:g}, "
+                f"detector {self.detector_sigma:g}, g {self.detail_gain:.2f}")
+
+    def describe(self) -> dict:
+        return {"total": dict(zip(("s1", "s2", "g", "w"), self.choices["total"], strict=True)),
+                "rings": [{"s": s, "g": g} for s, g in self.choices["rings"]],
+                "sectors": [{"s": s, "g": g} for s, g in self.choices["sectors"]],
+                "share_sigma": self.share_sigma, "detail_sigma": self.detail_sigma,
+                "detail_detector_sigma": self.detector_sigma, "detail_gain": self.detail_gain}
+
+
+def region_images(raw, den, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw and network counts summed over each detector region, ``(H, W, n)`` each, in one streamed pass."""
+    onehot = np.eye(int(labels.max()) + 1)[labels]
+
+    def sums(arr) -> da.Array:
+        arr = arr if isinstance(arr, da.Array) else da.from_zarr(arr)
+        return da.tensordot(arr.astype(np.float64), onehot, axes=([2, 3], [0, 1]))
+    return da.compute(sums(raw), sums(den))
+
+
+def _shares(part: np.ndarray, whole: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """``part / whole`` where the whole is positive, ``fallback`` elsewhere."""
+    return np.where(whole > 1e-12, part / np.maximum(whole, 1e-12), fallback)
+
+
+def split_choice(counts: np.ndarray, share: np.ndarray, counts_whole: np.ndarray, fused_whole: np.ndarray
+                 ) -> tuple[float, float]:
+    """``(s, g)`` minimising SURE of ``share · fused_whole + g G_s(counts - share · counts_whole)``: a part's
+    total (a sector of a ring) from its whole's fused total, split by the network's ``share`` and corrected
+    by the counts' own split. The whole's own dependence on the counts is the same for every candidate."""
+    y = np.asarray(counts, np.float64)
+    base = share * fused_whole - y
+    q = y - share * counts_whole
+    best = (0.0, 0.0, 0.0)
+    for s in FUSION_S2:
+        a = _scan(q, s)
+        own = np.outer(self_weights(y.shape[0], s), self_weights(y.shape[1], s))
+        aa = float((a * a).sum())
+        g = float(np.clip(-((a * base).sum() + (own * (1 - share) * y).sum()) / aa, 0, 1)) if aa > 0 else 0.0
+        risk = 2 * g * ((a * base).sum() + (own * (1 - share) * y).sum()) + g * g * aa
+        if risk < best[2]:
+            best = (float(s), g, risk)
+    return best[:2]
+
+
+def _split(raw_parts: np.ndarray, den_parts: np.ndarray, raw_whole: np.ndarray, den_whole: np.ndarray,
+           fused_whole: np.ndarray, fallback: np.ndarray) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """Fused totals of the parts ``(H, W, k)`` of a whole: the whole's fused total split by the network's
+    shares, each part corrected by SURE's choice (:func:`split_choice`), the whole's total kept."""
+    share = _shares(den_parts, den_whole[..., None], fallback)
+    fused = share * fused_whole[..., None]
+    choices = []
+    if raw_parts.shape[-1] > 1:
+        for k in range(raw_parts.shape[-1]):
+            s, g = split_choice(raw_parts[..., k], share[..., k], raw_whole, fused_whole)
+            choices.append((s, g))
+            fused[..., k] += g * _scan(raw_parts[..., k] - share[..., k] * raw_whole, s)
+        # the parts' corrections move counts between parts, never the whole's total
+        fused -= share * (fused.sum(-1, keepdims=True) - fused_whole[..., None])
+    return fused, choices
+
+
+def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int = 1, share_sigma: float = 0.0,
+                   sample_chunks: int = SAMPLE_CHUNKS) -> RegionPlan:
+    """The :class:`RegionPlan` of ``raw`` (Zarr) and the network's ``den`` (Zarr or dask) for detector
+    ``labels`` (``ring · sectors + sector``), top down: the whole pattern's total by SURE on the total-counts
+    images (:func:`stemdist.quality.sure.fusion_choice`), how it splits into rings, then how each ring
+    splits into sectors (:func:`split_choice`, each level keeping the level above's totals); then SURE
+    over every pixel of up to ``sample_chunks`` scan chunks for the detail within sectors. The network's
+    shares are smoothed by ``share_sigma`` (SURE cannot score that: the shares depend on every neighbour's
+    counts through the network; :func:`stemdist.run.final.fusion_plan` takes half the raw bright-field
+    image's SURE width)."""
+    raw_img, den_img = region_images(raw, den, labels)
+    n = raw_img.shape[-1]
+    ring_of = np.arange(n) // sectors
+    rings = int(ring_of.max()) + 1
+    mean_totals = np.bincount(labels.ravel(), weights=np.asarray(mean, np.float64).ravel(), minlength=n)
+
+    def by_ring(a: np.ndarray) -> np.ndarray:
+        return np.stack([a[..., ring_of == r].sum(-1) for r in range(rings)], -1)
+
+    ring_raw, ring_den = by_ring(raw_img), by_ring(den_img)
+    total_raw, total_den = ring_raw.sum(-1), ring_den.sum(-1)
+    s1, s2, g, w = fusion_choice(total_raw, total_den)
+    a = w * _scan(total_den, s1)
+    total = a + g * _scan(total_raw - a, s2)
+    ring_mean = np.bincount(ring_of, weights=mean_totals, minlength=rings)
+    ring_fused, ring_choices = _split(ring_raw, ring_den, total_raw, total_den, total,
+                                      ring_mean / max(ring_mean.sum(), 1e-300))
+    fused = np.empty_like(den_img)
+    sector_choices = []
+    for r in range(rings):
+        part = np.flatnonzero(ring_of == r)
+        fused[..., part], chosen = _split(raw_img[..., part], den_img[..., part], ring_raw[..., r], ring_den[..., r],
+                                          ring_fused[..., r], mean_totals[part] / max(mean_totals[part].sum(), 1e-300))
+        sector_choices += chosen
+    pixel_share = _shares(np.asarray(mean, np.float64), mean_totals[labels], 0.0)
+    choices = {"total": (s1, s2, g, w), "rings": ring_choices, "sectors": sector_choices}
+    plan = RegionPlan(labels, pixel_share.astype(np.float32), (fused - den_img).astype(np.float32), share_sigma,
+                      0.0, 0.0, 0.0, choices)
+    detail_sigma, detector_sigma, gain = _choose_detail(raw, den, plan, sample_chunks)
+    return RegionPlan(plan.labels, plan.shares, plan.correction, share_sigma, detail_sigma, detector_sigma, gain,
+                      plan.choices)
+
+
+def _choose_detail(raw, den, plan: RegionPlan, sample_chunks: int) -> tuple[float, float, float]:
+    """``(detail_sigma, detector_sigma, gain)`` minimising SURE over every pixel of sampled chunks.
+
+    Exact for this linear correction where the network's shares are not smoothed (they do not depend on a
+    position's own counts); smoothed, their dependence on the neighbours' counts is left out."""
+    grid = Grid.of(raw)
+    picks = sorted(set(np.linspace(0, grid.n_tiles - 1, min(sample_chunks, grid.n_tiles)).round().astype(int)))
+    halo = math.ceil(TRUNCATE * plan.share_sigma) + math.ceil(TRUNCATE * max(DETAIL_SIGMAS))
+    H, W = raw.shape[:2]
+    cands = [(s, d) for d in DETAIL_DETECTOR for s in DETAIL_SIGMAS]
+    # the scan Gaussian's weight on each position itself: larger near the scan's edges (reflected there)
+    own_scan = {s: np.outer(self_weights(H, s), self_weights(W, s)) for s in DETAIL_SIGMAS}
+    stats = np.zeros((len(cands), 3))  # <a, b>, |a|², the correction's weight on own counts x counts
+    for t in picks:
+        y0, y1, x0, x1 = grid.bounds(int(t))
+        ya, yb, xa, xb = max(y0 - halo, 0), min(y1 + halo, H), max(x0 - halo, 0), min(x1 + halo, W)
+        y = _region(raw, slice(ya, yb), slice(xa, xb)).astype(np.float32)
+        lam = _region(den, slice(ya, yb), slice(xa, xb)).astype(np.float32)
+        inner = (slice(y0 - ya, y1 - ya), slice(x0 - xa, x1 - xa))
+        share = plan.spread(lam)
+        yi, si = y[inner], share[inner]
+        b = si * np.maximum(plan.fused_totals(lam, ya, xa), 0)[inner][..., plan.labels] - yi
+        for d in DETAIL_DETECTOR:
+            detail = plan.detail(y, share, d)
+            own_d = plan.detail_own(share, d)[inner]
+            for s in DETAIL_SIGMAS:
+                i = cands.index((s, d))
+                corr = _scan(detail, s)[inner]
+                own_s = own_scan[s][y0:y1, x0:x1, None, None]
+                stats[i] += (float((corr * b).sum(dtype=np.float64)), float((corr * corr).sum(dtype=np.float64)),
+                             float((own_s * own_d * yi).sum(dtype=np.float64)))
+    # SURE(g) = 2 g (<a, b> + own) + g² |a|² + terms that do not depend on the candidate
+    best = (0.0, 0.0, 0.0, 0.0)
+    for (s, d), (ab, aa, own) in zip(cands, stats, strict=True):
+        g = float(np.clip(-(ab + own) / aa, 0, 1)) if aa > 0 else 0.0
+        risk = 2 * g * (ab + own) + g * g * aa
+        if risk < best[3]:
+            best = (s, d, g, risk)
+    return best[:3]
+
+
+def _scan_smooth(arr: np.ndarray, sigmas: np.ndarray, out: np.ndarray, weights: np.ndarray | None = None) -> None:
+    """``out[..., k] (+)= weights[k] · G_{sigmas[k]}(arr[..., k])`` over the scan, pixels grouped by width:
+    assigned without ``weights``, added with them."""
+    for s in np.unique(sigmas):
+        m = sigmas == s
+        part = arr if m.all() else arr[..., m]
+        if s:
+            part = ndimage.gaussian_filter(part, (s, s) + (0,) * (part.ndim - 2), truncate=TRUNCATE, mode="reflect")
+        if m.all():
+            out[...] = part if weights is None else out + weights * part
+        elif weights is None:
+            out[..., m] = part
+        else:
+            out[..., m] += weights[m] * part
+
+
+def _detector_smooth(arr: np.ndarray, sigma: float) -> np.ndarray:
+    return ndimage.gaussian_filter(arr, (0, 0, sigma, sigma), truncate=TRUNCATE, mode="reflect")
+
+
+def fuse_block(raw: np.ndarray, den: np.ndarray, plan: Plan | RegionPlan | float,
+               detector_sigma: float = 1.0) -> np.ndarray:
+    """The fused estimate of a whole cube held in memory (float32, clipped at 0); a number for ``plan`` is
+    :meth:`Plan.uniform`'s width. The inputs are left as they are."""
+    if not isinstance(plan, Plan | RegionPlan):
+        plan = Plan.uniform(np.shape(den)[2:], float(plan), detector_sigma)
+    return plan.apply(raw, den)
 
 
 def _region(arr, ys: slice, xs: slice) -> np.ndarray:
@@ -62,23 +388,24 @@ def _region(arr, ys: slice, xs: slice) -> np.ndarray:
     return part.compute(scheduler="synchronous") if isinstance(part, da.Array) else np.asarray(part)
 
 
-def fuse_chunk(raw, den, out: zarr.Array, cy: int, cx: int, sigma: float, detector_sigma: float = 1.0) -> None:
+def fuse_chunk(raw, den, out: zarr.Array, cy: int, cx: int, plan: Plan | RegionPlan) -> None:
     """Write scan chunk ``(cy, cx)`` of ``out``: the fused estimate of its positions, computed from the
     chunk plus a halo deep enough that the result equals fusing the whole cube at once."""
     H, W = out.shape[:2]
     ty, tx = out.chunks[:2]
     y0, y1, x0, x1 = cy * ty, min((cy + 1) * ty, H), cx * tx, min((cx + 1) * tx, W)
-    h = depth(sigma)
+    h = plan.depth()
     ya, yb, xa, xb = max(y0 - h, 0), min(y1 + h, H), max(x0 - h, 0), min(x1 + h, W)
     ys, xs = slice(ya, yb), slice(xa, xb)
-    fused = fuse_block(_region(raw, ys, xs), _region(den, ys, xs), sigma, detector_sigma, overwrite=True)
+    fused = plan.apply(_region(raw, ys, xs), _region(den, ys, xs), ya, xa)
     out[y0:y1, x0:x1] = fused[y0 - ya:y1 - ya, x0 - xa:x1 - xa]
 
 
-def fuse_into(out: zarr.Array, raw, den, sigma: float, detector_sigma: float = 1.0, *, chunks: range | None = None,
-              threads: int | None = None, progress=None) -> None:
+def fuse_into(out: zarr.Array, raw, den, plan: Plan | RegionPlan | float, detector_sigma: float = 1.0, *,
+              chunks: range | None = None, threads: int | None = None, progress=None) -> None:
     """Write the fused estimate of ``raw`` (Zarr) and ``den`` (Zarr or dask) into ``out``, chunk by chunk
-    (``chunks``: which ones, in raster order over the scan; all by default). ``sigma`` 0 copies ``den``.
+    (``chunks``: which ones, in raster order over the scan; all by default). A number for ``plan`` is
+    :meth:`Plan.uniform`'s width (0 copies ``den``).
 
     Each output chunk is computed from its own region plus a halo and written at once, ``threads``
     chunks at a time and as many waiting (SciPy's filters release the GIL; default: up to 4 of this
@@ -86,8 +413,8 @@ def fuse_into(out: zarr.Array, raw, den, sigma: float, detector_sigma: float = 1
     """
     if tuple(raw.shape) != tuple(den.shape) or tuple(out.shape) != tuple(raw.shape):
         raise ValueError(f"fuse: raw {raw.shape}, denoised {den.shape} and output {out.shape} differ in shape")
-    if sigma < 0 or detector_sigma < 0:
-        raise ValueError(f"fuse: sigmas must be >= 0, got {sigma} and {detector_sigma}")
+    if not isinstance(plan, Plan | RegionPlan):
+        plan = Plan.uniform(tuple(raw.shape[2:]), float(plan), detector_sigma)
     grid = Grid.of(out)
     nx = grid.shape[1]
     if chunks is None:
@@ -97,7 +424,7 @@ def fuse_into(out: zarr.Array, raw, den, sigma: float, detector_sigma: float = 1
     with ThreadPoolExecutor(threads) as pool:
         pending: deque[Future] = deque()
         for t in chunks:
-            pending.append(pool.submit(fuse_chunk, raw, den, out, t // nx, t % nx, sigma, detector_sigma))
+            pending.append(pool.submit(fuse_chunk, raw, den, out, t // nx, t % nx, plan))
             while len(pending) > threads:
                 pending.popleft().result()
                 faults.point(f"final:{t}")

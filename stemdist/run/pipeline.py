@@ -30,7 +30,7 @@ from ..train.module import Denoiser
 from ..train.trainer import train_cycle
 from . import hardware
 from . import ranks as rk
-from .final import plan_final, write_final
+from .final import plan_final, raw_mean_pattern, write_final
 from .inference import infer
 
 log = logging.getLogger("stemdist")
@@ -142,9 +142,10 @@ def _set_up(input_path: Any, paths: RunPaths, config: Config, dataset: str | Non
     arr = zarr.open_array(raw, mode="r")
     mask = bright_field_mask(arr)
     darr = da.from_zarr(arr)
-    raw_bf, totals = check_values(arr, what, (virtual_bf_lazy(darr, mask),
-                                                          darr.astype(np.float64).sum(axis=(2, 3)).mean()))
+    raw_bf, mean = check_values(arr, what, (virtual_bf_lazy(darr, mask), darr.astype(np.float64).mean(axis=(0, 1))))
+    totals = mean.sum()
     paths.report.mkdir(exist_ok=True)
+    np.save(paths.mean_pattern, mean)
     np.save(paths.raw_bf, raw_bf)
     np.save(paths.bf_mask, mask)
     info = {"input": what if is_object(input_path) else str(input_path.resolve()), "dataset": dataset,
@@ -200,6 +201,7 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
     torch.manual_seed(config.train.seed)
     hardware.setup(config, ranks)
     module = Denoiser(config.model, config.train, channels_last=hardware.channels_last(config))
+    module.net.set_mean_pattern(raw_mean_pattern(paths, raw))
     if config.hardware.compile:
         module.compile_net()
     start = last_complete_cycle(paths, C) if resume else 0
@@ -242,8 +244,8 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
                 shutil.rmtree(paths.cycle(c - 1), ignore_errors=True)
             log.info("cycle %d of %d complete in %.1f s", c, C, time.perf_counter() - t0)
         rk.barrier()
-    gain, sigma = rk.run_on_main(lambda: plan_final(paths, config, raw), ranks)
-    write_final(paths, config, raw, gain, sigma, ranks)
+    gain, plan = rk.run_on_main(lambda: plan_final(paths, config, raw), ranks)
+    write_final(paths, config, raw, gain, plan, ranks)
     rk.barrier()
     if ranks.is_main:
         finish(paths, config, raw, reference)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+Head = Literal["square", "mean_exp"]
 
 
 def block(cin: int, cout: int) -> nn.Sequential:
@@ -16,25 +21,60 @@ def block(cin: int, cout: int) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    """U-Net of widths ``base · 2**k`` (k = 0..depth); the head's output is squared.
+    """U-Net of widths ``base · 2**k`` (k = 0..depth) with one of two heads:
+
+    - ``square`` (the reference): counts in, the head's output squared;
+    - ``mean_exp``: the network corrects the data's mean pattern ``m`` multiplicatively: inputs are divided
+      by ``m``'s mean over the detector (a dose-free scale) and the output is ``m · exp(head)``. An untrained
+      network predicts the mean pattern, so totals, bright- and dark-field levels start right, and every
+      detector region learns in relative terms. ``m`` is a buffer (saved with the weights): set it with
+      :meth:`set_mean_pattern` before training.
 
     Any detector size works: the input is zero-padded to a multiple of ``2**depth`` and the output
     cropped back.
     """
 
-    def __init__(self, in_channels: int = 8, base_width: int = 24, depth: int = 4):
+    def __init__(self, in_channels: int = 8, base_width: int = 24, depth: int = 4, head: Head = "square"):
         super().__init__()
+        if head not in ("square", "mean_exp"):
+            raise ValueError(f"unknown head {head!r} (square, mean_exp)")
         widths = [base_width * 2**k for k in range(depth + 1)]
-        self.depth = depth
+        self.depth, self.head_kind = depth, head
         ins = [in_channels] + widths[:-2]
         self.down = nn.ModuleList(block(cin, cout) for cin, cout in zip(ins, widths[:-1], strict=True))
         self.bottleneck = block(widths[-2], widths[-1])
         self.up = nn.ModuleList(nn.ConvTranspose2d(widths[k + 1], widths[k], 2, stride=2) for k in range(depth))
         self.dec = nn.ModuleList(block(2 * widths[k], widths[k]) for k in range(depth))
         self.head = nn.Conv2d(widths[0], 1, 1)
+        self.register_buffer("mean_pattern", torch.ones(1, 1))
+        if head == "mean_exp":  # start at the mean pattern: exp(0) = 1
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    @torch.no_grad()
+    def set_mean_pattern(self, mean: torch.Tensor | np.ndarray) -> None:
+        """The data's mean pattern ``(P, Q)`` (counts per pixel), which the ``mean_exp`` head corrects."""
+        m = torch.as_tensor(mean, dtype=torch.float32).clamp(min=0)
+        if m.ndim != 2 or not torch.isfinite(m).all() or m.sum() <= 0:
+            raise ValueError(f"mean pattern must be a finite, non-zero (P, Q) image, got shape {tuple(m.shape)}")
+        # a floor keeps log-space corrections finite on pixels that never saw a count
+        self.mean_pattern = m.clamp(min=1e-3 * float(m.mean())).to(self.head.weight.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "mean_pattern"
+        if key in state_dict:  # its shape is the detector's, known only once trained
+            self.mean_pattern = torch.empty_like(state_dict[key], device=self.mean_pattern.device)
+        else:  # weights of earlier versions (square head only)
+            state_dict[key] = self.mean_pattern
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         P, Q = x.shape[-2:]
+        if self.head_kind == "mean_exp":
+            if self.mean_pattern.shape != (P, Q):
+                raise ValueError(f"the network's mean pattern is {tuple(self.mean_pattern.shape)}, "
+                                 f"the patterns are {(P, Q)}: set_mean_pattern first")
+            x = x / self.mean_pattern.mean()
         m = 2**self.depth
         x = F.pad(x, (0, -Q % m, 0, -P % m))
         skips = []
@@ -45,4 +85,7 @@ class UNet(nn.Module):
         x = self.bottleneck(x)
         for k in reversed(range(self.depth)):
             x = self.dec[k](torch.cat([self.up[k](x), skips[k]], dim=1))
-        return self.head(x).square()[..., :P, :Q]
+        out = self.head(x)[..., :P, :Q]
+        if self.head_kind == "mean_exp":
+            return self.mean_pattern * torch.exp(out.float().clamp(max=20.0))
+        return out.square()

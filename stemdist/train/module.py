@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import torch
 
 from ..config import ModelConfig, TrainConfig
-from .losses import poisson_loss, warmup_loss
+from .losses import pixel_weights, poisson_loss, warmup_loss
 from .model import UNet
 
 
@@ -19,7 +19,7 @@ def warmup_epochs(train: TrainConfig) -> int:
 class Denoiser(pl.LightningModule):
     def __init__(self, model: ModelConfig, train: TrainConfig, channels_last: bool = False):
         super().__init__()
-        self.net = UNet(8, model.base_width, model.depth)
+        self.net = UNet(8, model.base_width, model.depth, model.head)
         self.train_cfg = train
         self.channels_last = channels_last
         if channels_last:
@@ -46,7 +46,10 @@ class Denoiser(pl.LightningModule):
         if self.in_warmup():
             loss = warmup_loss(pred, y)
         else:
-            loss = poisson_loss(pred, y, self.train_cfg.mean_weight, self.train_cfg.sum_weight)
+            weight = None
+            if self.train_cfg.relative_weight:
+                weight = pixel_weights(self.net.mean_pattern, self.train_cfg.relative_weight)
+            loss = poisson_loss(pred, y, self.train_cfg.mean_weight, self.train_cfg.sum_weight, weight)
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
                  batch_size=len(x))
         return loss
@@ -55,16 +58,19 @@ class Denoiser(pl.LightningModule):
     def match_counts(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Put the output in counts before the first Poisson step: scale the head so the batch's mean
         prediction equals its mean target (the output is squared, so by the square root of the ratio;
-        averaged over ranks). The z-normalised warm-up leaves the scale free, and a few Poisson epochs
-        cannot move it by the orders of magnitude that may be needed."""
+        averaged over ranks; the ``mean_exp`` head's bias moves by its log). The z-normalised warm-up leaves
+        the scale free, and a few Poisson epochs cannot move it by the orders of magnitude that may be needed."""
         ratio = y.float().mean() / self(x).float().mean().clamp(min=1e-12)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(ratio)
             ratio /= torch.distributed.get_world_size()
         if torch.isfinite(ratio) and ratio > 0:
             head = self.net.head
-            head.weight.mul_(ratio.sqrt())
-            head.bias.mul_(ratio.sqrt())
+            if self.net.head_kind == "mean_exp":  # output = m · exp(head)
+                head.bias.add_(ratio.log())
+            else:  # output = head ** 2
+                head.weight.mul_(ratio.sqrt())
+                head.bias.mul_(ratio.sqrt())
         self.counts_matched = True
 
     def on_train_start(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -142,6 +143,13 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
         seed=c.train.seed, cycle=cycle, rank=ranks.rank, world_size=ranks.world_size,
         prefetch_factor=c.data.prefetch_factor)
     plan = dataset.plan(0)
+    epochs = max(c.train.epochs, math.ceil(c.train.min_samples / max(plan.total, 1)))
+    if epochs != c.train.epochs:
+        if ranks.is_main:
+            log.info("cycle %d: %d epochs instead of train.epochs %d, so that it sees train.min_samples %d samples",
+                     cycle, epochs, c.train.epochs, c.train.min_samples)
+        c = config = c.model_copy(update={"train": c.train.model_copy(update={"epochs": epochs})})
+    module.train_cfg = c.train
     if ranks.is_main and warmup_epochs(c.train) < c.train.warmup_epochs:
         log.info("cycle %d: warm-up shortened from %d to %d of %d epochs, so that training ends on the Poisson "
                  "loss", cycle, c.train.warmup_epochs, warmup_epochs(c.train), c.train.epochs)
