@@ -216,3 +216,17 @@ def test_one_grid_for_tiles_and_chunks(small_cube, tmp_path):
     for path in (run / "input.zarr", run / "denoised.zarr" / "cycle_01", run / "denoised.zarr" / "final"):
         assert zarr.open_array(str(path), mode="r").chunks == (4, 4, 12, 10), path
     assert zarr.open_array(str(tmp_path / "rows.zarr"), mode="r").chunks == (1, 9, 12, 10)  # input untouched
+
+
+def test_min_samples_gives_a_small_scan_more_epochs_and_bright_field_fusion_stays_available(tmp_path, small_cube):
+    """10 x 9 positions: 3 epochs are 270 samples; train.min_samples 360 makes it 4 epochs."""
+    run = tmp_path / "run"
+    run_cli("denoise", str(small_cube / "noisy"), "--out", str(run), *SMOKE, "--set", "train.min_samples=360",
+            "--set", "train.cycles=1", "--set", "output.fuse_by=bright_field")
+    from stemdist.layout import read_losses
+
+    assert [r["epoch"] for r in read_losses(run)] == [0, 1, 2, 3]
+    log = (run / "stemdist.log").read_text()
+    assert "4 epochs instead of train.epochs 3" in log and "chosen by SURE on the raw bright-field image" in log
+    final = zarr.open_group(str(run / "denoised.zarr"), mode="r")["final"]
+    assert 0 <= final.attrs["fuse_sigma"] <= 4 and "fuse_plan" not in final.attrs

@@ -16,6 +16,9 @@ def test_builtin_configs_load_and_differ_as_documented():
     assert (reference.train.cycles, reference.train.epochs, reference.train.warmup_epochs) == (10, 15, 4)
     assert (reference.train.batch_size, reference.train.lr, reference.model.base_width) == (32, 1e-3, 24)
     assert smoke.train.cycles * smoke.train.epochs <= 6
+    # the reference runs its own epochs and takes the last cycle as it is; the default trains small scans longer
+    assert (reference.train.min_samples, reference.output.fuse) == (0, False) and default.train.min_samples > 0
+    assert smoke.train.min_samples == 0 and reference.model.head == "square"
 
 
 def test_overrides_are_typed():
@@ -35,6 +38,10 @@ def test_overrides_are_typed():
     (["train.lr=-1"], "train.lr must be > 0"),
     (["hardware.compile=maybe"], "hardware.compile must be true or false"),
     (["epochs=3"], "--set expects section.key=value"),
+    (["output.fuse_by=pixels"], "output.fuse_by must be one of bright_field, regions"),
+    (["model.head=softplus"], "model.head must be one of square, mean_exp"),
+    (["train.relative_weight=2"], "train.relative_weight must be <= 1"),
+    (["train.min_samples=-5"], "train.min_samples must be >= 0"),
 ])
 def test_bad_values_name_the_key(pairs, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):

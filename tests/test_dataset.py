@@ -111,3 +111,23 @@ def test_epochs_differ_and_are_reproducible(tmp_path):
     assert torch.equal(first_batch(0), first_batch(0))
     assert not torch.equal(first_batch(0), first_batch(1))
     assert not torch.equal(first_batch(0), first_batch(0, seed=1))
+
+
+def test_batches_close_stops_the_persistent_workers_mid_epoch(small_cube):
+    """Lightning leaves the loader mid-epoch (it stops at ``len`` batches); close() stops its workers there."""
+    import multiprocessing
+
+    from stemdist import config as cfg
+    from stemdist.train.trainer import loader
+
+    conf = cfg.load("smoke", {"data": {"num_workers": 2}})
+    ds = NeighbourPatches(str(small_cube / "noisy"), None, 0.0, batch_size=4, num_workers=2, shuffle_tiles=2)
+    batches = loader(ds, conf)
+    it = iter(batches)
+    next(it)
+    assert len(multiprocessing.active_children()) == 2
+    batches.close()
+    assert multiprocessing.active_children() == []
+    plan = ds.plan(0)
+    assert sum(len(x) for x, _ in batches) == plan.total + plan.repeats  # a new epoch starts cleanly
+    batches.close()

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from stemdist.train.losses import poisson_loss, poisson_nll, warmup_loss, znorm
+from stemdist.train.losses import pixel_weights, poisson_loss, poisson_nll, warmup_loss, znorm
 from stemdist.train.model import UNet
 
 
@@ -49,3 +49,35 @@ def test_unet_matches_reference_size_and_handles_any_detector():
     net = UNet(base_width=4, depth=3)
     out = net(torch.rand(2, 8, 13, 21))
     assert out.shape == (2, 1, 13, 21) and (out >= 0).all()
+
+
+def test_pixel_weights_average_one_and_leave_the_poisson_minimiser_alone():
+    mean = torch.tensor([[4.0, 1.0], [0.25, 1.0]])
+    w = pixel_weights(mean, 1.0)
+    assert math.isclose(w.mean().item(), 1.0, rel_tol=1e-6) and w[1, 0] > w[0, 1] > w[0, 0]
+    assert torch.allclose(pixel_weights(mean, 0.0), torch.ones(2, 2))
+    # per pixel, the weighted NLL is still smallest at rate = counts' mean
+    counts = torch.tensor([[[[3.0, 1.0], [0.0, 2.0]]], [[[5.0, 1.0], [1.0, 0.0]]]])
+    best = counts.mean(0, keepdim=True).clone().requires_grad_(True)
+    poisson_nll(best.expand_as(counts), counts, w).backward()
+    assert best.grad.abs().max().item() < 1e-6
+
+
+def test_mean_exp_head_starts_at_the_mean_pattern_and_keeps_it_with_the_weights(tmp_path):
+    net = UNet(8, 4, 2, head="mean_exp")
+    mean = torch.rand(20, 18) + 0.1
+    net.set_mean_pattern(mean)
+    x = torch.rand(3, 8, 20, 18)
+    assert torch.allclose(net(x)[:, 0], mean.expand(3, 20, 18))  # untrained: the mean pattern
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    other = UNet(8, 4, 2, head="mean_exp")
+    other.load_state_dict(torch.load(tmp_path / "w.pt"))
+    assert torch.equal(other.mean_pattern, net.mean_pattern) and torch.allclose(other(x), net(x))
+    old = {k: v for k, v in UNet(8, 4, 2).state_dict().items() if k != "mean_pattern"}  # weights of 0.x
+    UNet(8, 4, 2).load_state_dict(old)
+    try:
+        UNet(8, 4, 2, head="mean_exp")(x)
+    except ValueError as exc:
+        assert "set_mean_pattern" in str(exc)
+    else:
+        raise AssertionError("a mean_exp network without its mean pattern must refuse to run")

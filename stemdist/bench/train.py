@@ -100,13 +100,17 @@ def _one(path, workers: int, args, root) -> dict:
                           cache_chunks=c.data.cache_chunks, num_workers=c.data.num_workers, seed=c.train.seed,
                           cycle=2, prefetch_factor=c.data.prefetch_factor)
     # split on the device, as in a run
-    timed = TimedLoader(loader(ds, conf, lambda: module.device, pin_memory=hardware.use_cuda(conf)))
+    batches = loader(ds, conf, lambda: module.device, pin_memory=hardware.use_cuda(conf))
+    timed = TimedLoader(batches)
     run_dir = root / f"run-w{workers}"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
         tr = trainer(conf, Ranks(), RunPaths(run_dir), 2, hardware.accelerator(conf), hardware.precision(conf))
         tr.callbacks.append(EpochEnd(timed))
-        tr.fit(module, train_dataloaders=timed)
+        try:
+            tr.fit(module, train_dataloaders=timed)
+        finally:
+            batches.close()
     steady = timed.epochs[1:] or timed.epochs
     wall = sum(e["end"] - e["start"] for e in steady)
     wait = sum(e["wait"] for e in steady)

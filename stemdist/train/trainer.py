@@ -55,6 +55,15 @@ class Batches:
             yield from split_group(tuple(t.to(device, non_blocking=True) for t in group[:3]))
             self.dataset.release(group)  # its batches are made (on the device, or copied out on a CPU)
 
+    def close(self) -> None:
+        """Stop the persistent loader workers (and the pinning thread) now. Lightning stops each epoch after
+        ``len`` batches, so the DataLoader's iterator is never exhausted and would live until interpreter
+        exit, where tearing down workers that hold shared ring buffers can wait indefinitely."""
+        it = getattr(self.groups, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.groups._iterator = None
+
 
 def loader(dataset: NeighbourPatches, config: Config, device: Callable[[], torch.device] | None = None,
            pin_memory: bool = False) -> Batches:
@@ -168,5 +177,8 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*IterableDataset.*__len__.*")
         batches = loader(dataset, config, lambda: module.device, pin_memory=accelerator == "gpu")
-        trainer(config, ranks, paths, cycle, accelerator, precision).fit(
-            module, train_dataloaders=batches, ckpt_path=str(ckpt) if ckpt.exists() else None)
+        try:
+            trainer(config, ranks, paths, cycle, accelerator, precision).fit(
+                module, train_dataloaders=batches, ckpt_path=str(ckpt) if ckpt.exists() else None)
+        finally:
+            batches.close()
