@@ -200,8 +200,15 @@ def test_split_choice_follows_the_counts_where_the_network_splits_a_total_wrongl
     part = 0.5 + 0.2 * np.sin(2 * np.pi * np.arange(32) / 32)[:, None] * np.ones((1, 32))
     counts_part = rng.poisson(whole * part).astype(np.float64)
     counts_whole = counts_part + rng.poisson(whole * (1 - part))
-    s, g = fusion.split_choice(counts_part, np.full(whole.shape, 0.5), counts_whole, whole)
+    s, g, source = fusion.split_choice(counts_part, {"network": np.full(whole.shape, 0.5)}, counts_whole, whole)
     assert g > 0.5 and s >= 1  # the network's flat split is wrong; the smooth counts are trusted
+    # a network whose split is right but noisy loses to the mean pattern's where the truth is flat
+    flat = np.full(whole.shape, 0.5)
+    counts_part = rng.poisson(whole * flat).astype(np.float64)
+    noisy = np.clip(flat + rng.normal(0, 0.1, flat.shape), 0, 1)
+    s, g, source = fusion.split_choice(counts_part, {"network": noisy, "mean": np.float64(0.5)},
+                                       counts_part + rng.poisson(whole * (1 - flat)), whole)
+    assert source == "mean"
 
 
 def test_detector_regions_rings_and_sectors():

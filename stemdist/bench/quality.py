@@ -127,7 +127,9 @@ def protocol(config_name: str, over: dict) -> str:
 
     c = cfg.load(config_name, over)
     return (f"config {config_name}: {c.train.cycles} cycles x {c.train.epochs} epochs "
-            f"({c.train.warmup_epochs} warm-up), base width {c.model.base_width}, depth {c.model.depth}, "
+            f"(at least {c.train.min_samples} samples per cycle; {c.train.warmup_epochs} warm-up), "
+            f"base width {c.model.base_width}, depth {c.model.depth}, head {c.model.head}, "
+            f"fusion {c.output.fuse_by if c.output.fuse else 'off'}, "
             f"target {c.train.target}, borders "
             f"{c.data.borders}, final {c.output.final}, mean/sum weights "
             f"{c.train.mean_weight}/{c.train.sum_weight}")

@@ -128,7 +128,7 @@ class RegionPlan:
     detail_sigma: float
     detector_sigma: float
     detail_gain: float
-    choices: dict  # SURE's choices: the total's (s1, s2, g, w), each ring's and sector's split (s, g)
+    choices: dict  # SURE's choices: the total's (s1, s2, g, w), each ring's and sector's split (s, g, shares)
 
     def depth(self) -> int:
         return math.ceil(TRUNCATE * self.share_sigma) + math.ceil(TRUNCATE * self.detail_sigma)
@@ -204,15 +204,16 @@ class RegionPlan:
     def summary(self) -> str:
         s1, s2, g, w = self.choices["total"]
         total = f"raw s {s2:g}" if not w else f"network s {s1:g} + {g:.2f} x residual s {s2:g}"
-        split = lambda c: ", ".join(f"({s:g}, {g:.2f})" for s, g in c)  # noqa: E731
+        split = lambda c: ", ".join(f"({s:g}, {g:.2f}{', mean' if src == 'mean' else ''})"  # noqa: E731
+                                    for s, g, src in c)
         return (f"total {total}; rings (s, g) [{split(self.choices['rings'])}]; sectors "
                 f"[{split(self.choices['sectors'])}]; shares s {self.share_sigma:g}; detail s {self.detail_sigma:g}, "
                 f"detector {self.detector_sigma:g}, g {self.detail_gain:.2f}")
 
     def describe(self) -> dict:
         return {"total": dict(zip(("s1", "s2", "g", "w"), self.choices["total"], strict=True)),
-                "rings": [{"s": s, "g": g} for s, g in self.choices["rings"]],
-                "sectors": [{"s": s, "g": g} for s, g in self.choices["sectors"]],
+                "rings": [{"s": s, "g": g, "shares": src} for s, g, src in self.choices["rings"]],
+                "sectors": [{"s": s, "g": g, "shares": src} for s, g, src in self.choices["sectors"]],
                 "share_sigma": self.share_sigma, "detail_sigma": self.detail_sigma,
                 "detail_detector_sigma": self.detector_sigma, "detail_gain": self.detail_gain}
 
@@ -232,38 +233,46 @@ def _shares(part: np.ndarray, whole: np.ndarray, fallback: np.ndarray) -> np.nda
     return np.where(whole > 1e-12, part / np.maximum(whole, 1e-12), fallback)
 
 
-def split_choice(counts: np.ndarray, share: np.ndarray, counts_whole: np.ndarray, fused_whole: np.ndarray
-                 ) -> tuple[float, float]:
-    """``(s, g)`` minimising SURE of ``share · fused_whole + g G_s(counts - share · counts_whole)``: a part's
-    total (a sector of a ring) from its whole's fused total, split by the network's ``share`` and corrected
-    by the counts' own split. The whole's own dependence on the counts is the same for every candidate."""
+def split_choice(counts: np.ndarray, shares: dict[str, np.ndarray], counts_whole: np.ndarray,
+                 fused_whole: np.ndarray) -> tuple[float, float, str]:
+    """``(s, g, source)`` minimising SURE of ``share · fused_whole + g G_s(counts - share · counts_whole)``: a
+    part's total (a ring of the pattern, a sector of a ring) from its whole's fused total, split by one of
+    ``shares`` (the network's, or the mean pattern's where the network's split is noisier than the counts'
+    own) and corrected by the counts' own split. The whole's own dependence on the counts is the same for
+    every candidate."""
     y = np.asarray(counts, np.float64)
-    base = share * fused_whole - y
-    q = y - share * counts_whole
-    best = (0.0, 0.0, 0.0)
-    for s in FUSION_S2:
-        a = _scan(q, s)
-        own = np.outer(self_weights(y.shape[0], s), self_weights(y.shape[1], s))
-        aa = float((a * a).sum())
-        g = float(np.clip(-((a * base).sum() + (own * (1 - share) * y).sum()) / aa, 0, 1)) if aa > 0 else 0.0
-        risk = 2 * g * ((a * base).sum() + (own * (1 - share) * y).sum()) + g * g * aa
-        if risk < best[2]:
-            best = (float(s), g, risk)
-    return best[:2]
+    best = (0.0, 0.0, "", np.inf)
+    for source, share in shares.items():
+        share = np.broadcast_to(share, y.shape)
+        base = share * fused_whole - y
+        q = y - share * counts_whole
+        base_risk = float((base * base).sum())
+        for s in FUSION_S2:
+            a = _scan(q, s)
+            own = np.outer(self_weights(y.shape[0], s), self_weights(y.shape[1], s))
+            aa, lin = float((a * a).sum()), float((a * base).sum() + (own * (1 - share) * y).sum())
+            g = float(np.clip(-lin / aa, 0, 1)) if aa > 0 else 0.0
+            risk = base_risk + 2 * g * lin + g * g * aa
+            if risk < best[3]:
+                best = (float(s), g, source, risk)
+    return best[:3]
 
 
 def _split(raw_parts: np.ndarray, den_parts: np.ndarray, raw_whole: np.ndarray, den_whole: np.ndarray,
-           fused_whole: np.ndarray, fallback: np.ndarray) -> tuple[np.ndarray, list[tuple[float, float]]]:
+           fused_whole: np.ndarray, mean_share: np.ndarray) -> tuple[np.ndarray, list[tuple[float, float, str]]]:
     """Fused totals of the parts ``(H, W, k)`` of a whole: the whole's fused total split by the network's
-    shares, each part corrected by SURE's choice (:func:`split_choice`), the whole's total kept."""
-    share = _shares(den_parts, den_whole[..., None], fallback)
+    shares (or the mean pattern's, ``mean_share``), each part corrected by SURE's choice
+    (:func:`split_choice`), the whole's total kept."""
+    share = _shares(den_parts, den_whole[..., None], mean_share)
     fused = share * fused_whole[..., None]
     choices = []
     if raw_parts.shape[-1] > 1:
         for k in range(raw_parts.shape[-1]):
-            s, g = split_choice(raw_parts[..., k], share[..., k], raw_whole, fused_whole)
-            choices.append((s, g))
-            fused[..., k] += g * _scan(raw_parts[..., k] - share[..., k] * raw_whole, s)
+            candidates = {"network": share[..., k], "mean": np.float64(mean_share[k])}
+            s, g, source = split_choice(raw_parts[..., k], candidates, raw_whole, fused_whole)
+            choices.append((s, g, source))
+            used = candidates[source]
+            fused[..., k] = used * fused_whole + g * _scan(raw_parts[..., k] - used * raw_whole, s)
         # the parts' corrections move counts between parts, never the whole's total
         fused -= share * (fused.sum(-1, keepdims=True) - fused_whole[..., None])
     return fused, choices
