@@ -152,7 +152,7 @@ def _denoise(s: argparse.ArgumentParser) -> None:
     s.add_argument("--config", help="YAML file or built-in name: default, reference, smoke")
     s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config key")
     s.add_argument("--cycles", type=int)
-    s.add_argument("--epochs", type=int)
+    s.add_argument("--epochs", type=int, help="epochs per cycle, exactly (train.min_samples off)")
     s.add_argument("--batch-size", type=int, dest="batch_size", help="per device")
     s.add_argument("--accelerator", choices=["cpu", "gpu", "auto"])
     s.add_argument("--devices", type=int, help="devices per node (several: DDP)")

@@ -55,3 +55,12 @@ def test_bad_file(tmp_path):
         cfg.load(bad)
     with pytest.raises(ConfigError, match="not found"):
         cfg.load(tmp_path / "missing.yaml")
+
+
+def test_epochs_given_as_a_flag_are_the_epochs_run():
+    """--epochs N (or epochs=N in Python) means N epochs: train.min_samples, which lengthens a small scan's
+    cycles, is off; --set train.epochs=N keeps it."""
+    c = cfg.apply(cfg.load("default"), cfg.shortcut_overrides({"epochs": 2}))
+    assert (c.train.epochs, c.train.min_samples) == (2, 0)
+    c = cfg.load("default", cfg.parse_overrides(["train.epochs=2"]))
+    assert (c.train.epochs, c.train.min_samples) == (2, 30000)
