@@ -33,17 +33,12 @@ def self_weights(n: int, sigma: float) -> np.ndarray:
     return out
 
 
-def centre_weight(sigma: float) -> float:
-    """The weight a 1-D Gaussian of ``sigma`` (as applied, cut at ``TRUNCATE``) gives the centre itself."""
-    return float(self_weights(4 * int(TRUNCATE * sigma + 1) + 1, sigma)[2 * int(TRUNCATE * sigma + 1)])
-
-
 def sure_risk(counts: np.ndarray, sigma: float) -> float:
     """SURE of smoothing a Poisson ``counts`` image by a Gaussian of ``sigma``: unbiased for the squared
     error against the expected counts (each pixel's variance estimated by its counts)."""
     y = np.asarray(counts, np.float64)
     smooth = ndimage.gaussian_filter(y, sigma, truncate=TRUNCATE, mode="reflect") if sigma else y
-    self_weight = np.outer(self_weights(y.shape[0], sigma), self_weights(y.shape[1], sigma))
+    self_weight = own_weights(y.shape, sigma)
     return float(((smooth - y) ** 2).sum() + ((2 * self_weight - 1) * y).sum())
 
 
@@ -64,8 +59,16 @@ _N8 = np.ones((3, 3)) / 8
 _N8[1, 1] = 0
 
 
-def _smooth(a: np.ndarray, sigma: float) -> np.ndarray:
-    return ndimage.gaussian_filter(a, sigma, truncate=TRUNCATE, mode="reflect") if sigma else a
+def scan_smooth(a: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian of ``sigma`` positions over the scan, the first two axes (``a`` itself for 0)."""
+    if not sigma:
+        return a
+    return ndimage.gaussian_filter(a, (sigma, sigma) + (0,) * (a.ndim - 2), truncate=TRUNCATE, mode="reflect")
+
+
+def own_weights(shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Per scan position, the weight :func:`scan_smooth` gives the position itself (reflected edges)."""
+    return np.outer(self_weights(shape[0], sigma), self_weights(shape[1], sigma))
 
 
 def neighbour_weights(s1: float, s2: float) -> tuple[float, float]:
@@ -75,8 +78,8 @@ def neighbour_weights(s1: float, s2: float) -> tuple[float, float]:
     r = int(TRUNCATE * (s1 + s2) + 0.5) + 2
     delta = np.zeros((2 * r + 1, 2 * r + 1))
     delta[r, r] = 1.0
-    n1 = ndimage.convolve(_smooth(delta, s1), _N8, mode="constant")
-    return float(n1[r, r]), float(_smooth(n1, s2)[r, r])
+    n1 = ndimage.convolve(scan_smooth(delta, s1), _N8, mode="constant")
+    return float(n1[r, r]), float(scan_smooth(n1, s2)[r, r])
 
 
 def fusion_choice(counts: np.ndarray, network: np.ndarray, s1s=FUSION_S1, s2s=FUSION_S2
@@ -97,10 +100,10 @@ def fusion_choice(counts: np.ndarray, network: np.ndarray, s1s=FUSION_S1, s2s=FU
         if risk < best[4]:
             best = (0.0, float(s2), 1.0, 0.0, risk)
     for s1 in s1s:
-        a = _smooth(lam, s1)
+        a = scan_smooth(lam, s1)
         for s2 in s2s:
-            b = _smooth(y - a, s2)
-            own = np.outer(self_weights(y.shape[0], s2), self_weights(y.shape[1], s2))
+            b = scan_smooth(y - a, s2)
+            own = own_weights(y.shape, s2)
             via_a, via_ab = neighbour_weights(s1, s2)
             bb = float((b * b).sum())
             g = 0.0 if bb == 0 else float(np.clip(((b * (y - a)).sum() - ((own - via_ab) * y).sum()) / bb, 0, 1))

@@ -51,9 +51,9 @@ def fusion_plan(paths: RunPaths, config: Config, raw: zarr.Array, stack: da.Arra
     """The fusion's plan and how it was chosen."""
     shape = tuple(raw.shape[2:])
     if config.output.fuse_sigma is not None:
-        return fusion.Plan.uniform(shape, config.output.fuse_sigma), "set by output.fuse_sigma"
+        return fusion.Plan(config.output.fuse_sigma), "set by output.fuse_sigma"
     if config.output.fuse_by == "bright_field":
-        return (fusion.Plan.uniform(shape, sure_sigma(np.load(paths.raw_bf))),
+        return (fusion.Plan(sure_sigma(np.load(paths.raw_bf))),
                 "chosen by SURE on the raw bright-field image")
     mean = raw_mean_pattern(paths, raw)
     masks = find_masks(mean)
@@ -77,7 +77,7 @@ def plan_final(paths: RunPaths, config: Config, raw: zarr.Array
     if config.output.fuse:
         plan, how = fusion_plan(paths, config, raw, stack if gain is None else stack * gain)
         if isinstance(plan, fusion.Plan):
-            attrs["fuse_sigma"] = float(plan.s2.max())
+            attrs["fuse_sigma"] = float(plan.sigma)
             log.info("final cube: fused with the raw counts over the scan, sigma %.2f positions (%s)",
                      attrs["fuse_sigma"], how)
         else:

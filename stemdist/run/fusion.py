@@ -29,6 +29,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 
 import dask.array as da
 import numpy as np
@@ -37,7 +38,7 @@ from scipy import ndimage
 
 from .. import faults
 from ..data.tiles import Grid
-from ..quality.sure import FUSION_S2, TRUNCATE, fusion_choice, self_weights
+from ..quality.sure import FUSION_S2, TRUNCATE, fusion_choice, own_weights, scan_smooth, self_weights
 
 RINGS = (1.0, 1.2, 3.0)  # region edges in disk radii: bright-field disk, gap, dark-field ring (evaluate's), beyond
 SECTORS = 4  # quadrants per ring
@@ -45,46 +46,34 @@ SECTORS = 4  # quadrants per ring
 
 @dataclass(frozen=True)
 class Plan:
-    """Per detector pixel ``(P, Q)``: the scan width smoothing the network's cube (``s1``), the one smoothing
-    the residual (``s2``) and the residual's weight (``gain``); ``detector_sigma`` smooths the residual over
-    the detector."""
+    """The ``bright_field`` fusion: one scan width ``sigma`` for every detector pixel (0: the network's cube),
+    ``G_{sigma/2}(den) + G_{sigma, d}(raw - G_{sigma/2}(den))``; ``detector_sigma`` is ``d``."""
 
-    s1: np.ndarray
-    s2: np.ndarray
-    gain: np.ndarray
+    sigma: float
     detector_sigma: float = 1.0
 
-    @classmethod
-    def uniform(cls, shape: tuple[int, int], sigma: float, detector_sigma: float = 1.0) -> Plan:
-        """One scan width ``sigma`` for every pixel (``s1 = sigma/2``, ``s2 = sigma``); 0: the network's cube."""
-        if sigma < 0 or detector_sigma < 0:
-            raise ValueError(f"fuse: sigmas must be >= 0, got {sigma} and {detector_sigma}")
-        full = np.full(shape, float(sigma))
-        return cls(full / 2, full, np.full(shape, 1.0 if sigma else 0.0), detector_sigma)
-
-    @property
-    def identity(self) -> bool:
-        return not self.gain.any() and not self.s1.any()
+    def __post_init__(self) -> None:
+        if self.sigma < 0 or self.detector_sigma < 0:
+            raise ValueError(f"fuse: sigmas must be >= 0, got {self.sigma} and {self.detector_sigma}")
 
     def depth(self) -> int:
         """Scan positions of halo a chunk needs."""
-        return math.ceil(TRUNCATE * float(self.s1.max())) + math.ceil(TRUNCATE * float(self.s2.max()))
+        return math.ceil(TRUNCATE * self.sigma / 2) + math.ceil(TRUNCATE * self.sigma)
 
     def apply(self, raw: np.ndarray, den: np.ndarray, y0: int = 0, x0: int = 0) -> np.ndarray:
         """The fused block (float32, clipped at 0); the inputs are left as they are."""
         den32 = np.asarray(den, np.float32)
-        if self.identity:
+        if self.sigma == 0:
             return den32
-        smooth = np.empty_like(den32)
-        _scan_smooth(den32, self.s1, smooth)
+        smooth = scan_smooth(den32, self.sigma / 2)
         residual = np.subtract(raw, smooth, dtype=np.float32)
-        if self.detector_sigma:
-            residual = _detector_smooth(residual, self.detector_sigma)
-        _scan_smooth(residual, self.s2, smooth, self.gain.astype(np.float32))
+        d = self.detector_sigma
+        smooth += ndimage.gaussian_filter(residual, (self.sigma, self.sigma, d, d), truncate=TRUNCATE,
+                                          mode="reflect")
         return np.maximum(smooth, 0, out=smooth)  # expected counts are never negative
 
     def describe(self) -> dict:
-        return {"sigma": float(self.s2.max())}
+        return {"sigma": self.sigma}
 
 
 def detector_regions(shape: tuple[int, int], center: tuple[float, float], bf_radius: float,
@@ -101,13 +90,6 @@ def detector_regions(shape: tuple[int, int], center: tuple[float, float], bf_rad
 DETAIL_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # scan widths tried for the detail's correction
 DETAIL_DETECTOR = (0.0, 1.0)  # detector widths tried for the detail's correction
 SAMPLE_CHUNKS = 12  # scan chunks whose every pixel scores the detail's candidates
-
-
-def _scan(arr: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian over the scan axes (the first two) of a block."""
-    if not sigma:
-        return arr
-    return ndimage.gaussian_filter(arr, (sigma, sigma) + (0,) * (arr.ndim - 2), truncate=TRUNCATE, mode="reflect")
 
 
 @dataclass(frozen=True)
@@ -137,17 +119,21 @@ class RegionPlan:
     def n(self) -> int:
         return self.correction.shape[-1]
 
+    @cached_property
+    def onehot(self) -> np.ndarray:
+        """``(P, Q, n)``: 1 where a pixel belongs to a region."""
+        return np.eye(self.n, dtype=np.float32)[self.labels]
+
     def totals(self, block: np.ndarray) -> np.ndarray:
         """Sums over each region, ``(h, w, n)``."""
-        onehot = np.eye(self.n, dtype=np.float32)[self.labels]
-        return np.tensordot(block, onehot, axes=([2, 3], [0, 1]))
+        return np.tensordot(block, self.onehot, axes=([2, 3], [0, 1]))
 
     def spread(self, den: np.ndarray) -> np.ndarray:
         """The network's share of its region's total at every pixel, smoothed over the scan by
         ``share_sigma`` (sums to 1 over each region)."""
         lam = np.asarray(den, np.float32)
         tot = self.totals(lam)[..., self.labels]
-        return _scan(np.where(tot > 1e-12, lam / np.maximum(tot, 1e-12), self.shares.astype(np.float32)),
+        return scan_smooth(np.where(tot > 1e-12, lam / np.maximum(tot, 1e-12), self.shares.astype(np.float32)),
                      self.share_sigma)
 
     def detail(self, raw: np.ndarray, share: np.ndarray, detector_sigma: float) -> np.ndarray:
@@ -189,7 +175,7 @@ class RegionPlan:
         totals = np.maximum(self.fused_totals(den, y0, x0), 0)
         out = share * totals[..., self.labels]
         if self.detail_gain:
-            out += np.float32(self.detail_gain) * _scan(self.detail(raw, share, self.detector_sigma),
+            out += np.float32(self.detail_gain) * scan_smooth(self.detail(raw, share, self.detector_sigma),
                                                         self.detail_sigma)
         return self.clip(out, totals)
 
@@ -248,8 +234,8 @@ def split_choice(counts: np.ndarray, shares: dict[str, np.ndarray], counts_whole
         q = y - share * counts_whole
         base_risk = float((base * base).sum())
         for s in FUSION_S2:
-            a = _scan(q, s)
-            own = np.outer(self_weights(y.shape[0], s), self_weights(y.shape[1], s))
+            a = scan_smooth(q, s)
+            own = own_weights(y.shape, s)
             aa, lin = float((a * a).sum()), float((a * base).sum() + (own * (1 - share) * y).sum())
             g = float(np.clip(-lin / aa, 0, 1)) if aa > 0 else 0.0
             risk = base_risk + 2 * g * lin + g * g * aa
@@ -272,7 +258,7 @@ def _split(raw_parts: np.ndarray, den_parts: np.ndarray, raw_whole: np.ndarray, 
             s, g, source = split_choice(raw_parts[..., k], candidates, raw_whole, fused_whole)
             choices.append((s, g, source))
             used = candidates[source]
-            fused[..., k] = used * fused_whole + g * _scan(raw_parts[..., k] - used * raw_whole, s)
+            fused[..., k] = used * fused_whole + g * scan_smooth(raw_parts[..., k] - used * raw_whole, s)
         # the parts' corrections move counts between parts, never the whole's total
         fused -= share * (fused.sum(-1, keepdims=True) - fused_whole[..., None])
     return fused, choices
@@ -300,8 +286,8 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
     ring_raw, ring_den = by_ring(raw_img), by_ring(den_img)
     total_raw, total_den = ring_raw.sum(-1), ring_den.sum(-1)
     s1, s2, g, w = fusion_choice(total_raw, total_den)
-    a = w * _scan(total_den, s1)
-    total = a + g * _scan(total_raw - a, s2)
+    a = w * scan_smooth(total_den, s1)
+    total = a + g * scan_smooth(total_raw - a, s2)
     ring_mean = np.bincount(ring_of, weights=mean_totals, minlength=rings)
     ring_fused, ring_choices = _split(ring_raw, ring_den, total_raw, total_den, total,
                                       ring_mean / max(ring_mean.sum(), 1e-300))
@@ -332,7 +318,7 @@ def _choose_detail(raw, den, plan: RegionPlan, sample_chunks: int) -> tuple[floa
     H, W = raw.shape[:2]
     cands = [(s, d) for d in DETAIL_DETECTOR for s in DETAIL_SIGMAS]
     # the scan Gaussian's weight on each position itself: larger near the scan's edges (reflected there)
-    own_scan = {s: np.outer(self_weights(H, s), self_weights(W, s)) for s in DETAIL_SIGMAS}
+    own_scan = {s: own_weights((H, W), s) for s in DETAIL_SIGMAS}
     stats = np.zeros((len(cands), 3))  # <a, b>, |a|², the correction's weight on own counts x counts
     for t in picks:
         y0, y1, x0, x1 = grid.bounds(int(t))
@@ -348,7 +334,7 @@ def _choose_detail(raw, den, plan: RegionPlan, sample_chunks: int) -> tuple[floa
             own_d = plan.detail_own(share, d)[inner]
             for s in DETAIL_SIGMAS:
                 i = cands.index((s, d))
-                corr = _scan(detail, s)[inner]
+                corr = scan_smooth(detail, s)[inner]
                 own_s = own_scan[s][y0:y1, x0:x1, None, None]
                 stats[i] += (float((corr * b).sum(dtype=np.float64)), float((corr * corr).sum(dtype=np.float64)),
                              float((own_s * own_d * yi).sum(dtype=np.float64)))
@@ -362,22 +348,6 @@ def _choose_detail(raw, den, plan: RegionPlan, sample_chunks: int) -> tuple[floa
     return best[:3]
 
 
-def _scan_smooth(arr: np.ndarray, sigmas: np.ndarray, out: np.ndarray, weights: np.ndarray | None = None) -> None:
-    """``out[..., k] (+)= weights[k] · G_{sigmas[k]}(arr[..., k])`` over the scan, pixels grouped by width:
-    assigned without ``weights``, added with them."""
-    for s in np.unique(sigmas):
-        m = sigmas == s
-        part = arr if m.all() else arr[..., m]
-        if s:
-            part = ndimage.gaussian_filter(part, (s, s) + (0,) * (part.ndim - 2), truncate=TRUNCATE, mode="reflect")
-        if m.all():
-            out[...] = part if weights is None else out + weights * part
-        elif weights is None:
-            out[..., m] = part
-        else:
-            out[..., m] += weights[m] * part
-
-
 def _detector_smooth(arr: np.ndarray, sigma: float) -> np.ndarray:
     return ndimage.gaussian_filter(arr, (0, 0, sigma, sigma), truncate=TRUNCATE, mode="reflect")
 
@@ -385,9 +355,9 @@ def _detector_smooth(arr: np.ndarray, sigma: float) -> np.ndarray:
 def fuse_block(raw: np.ndarray, den: np.ndarray, plan: Plan | RegionPlan | float,
                detector_sigma: float = 1.0) -> np.ndarray:
     """The fused estimate of a whole cube held in memory (float32, clipped at 0); a number for ``plan`` is
-    :meth:`Plan.uniform`'s width. The inputs are left as they are."""
+    :class:`Plan`'s width. The inputs are left as they are."""
     if not isinstance(plan, Plan | RegionPlan):
-        plan = Plan.uniform(np.shape(den)[2:], float(plan), detector_sigma)
+        plan = Plan(float(plan), detector_sigma)
     return plan.apply(raw, den)
 
 
@@ -414,7 +384,7 @@ def fuse_into(out: zarr.Array, raw, den, plan: Plan | RegionPlan | float, detect
               chunks: range | None = None, threads: int | None = None, progress=None) -> None:
     """Write the fused estimate of ``raw`` (Zarr) and ``den`` (Zarr or dask) into ``out``, chunk by chunk
     (``chunks``: which ones, in raster order over the scan; all by default). A number for ``plan`` is
-    :meth:`Plan.uniform`'s width (0 copies ``den``).
+    :class:`Plan`'s width (0 copies ``den``).
 
     Each output chunk is computed from its own region plus a halo and written at once, ``threads``
     chunks at a time and as many waiting (SciPy's filters release the GIL; default: up to 4 of this
@@ -423,7 +393,7 @@ def fuse_into(out: zarr.Array, raw, den, plan: Plan | RegionPlan | float, detect
     if tuple(raw.shape) != tuple(den.shape) or tuple(out.shape) != tuple(raw.shape):
         raise ValueError(f"fuse: raw {raw.shape}, denoised {den.shape} and output {out.shape} differ in shape")
     if not isinstance(plan, Plan | RegionPlan):
-        plan = Plan.uniform(tuple(raw.shape[2:]), float(plan), detector_sigma)
+        plan = Plan(float(plan), detector_sigma)
     grid = Grid.of(out)
     nx = grid.shape[1]
     if chunks is None:
