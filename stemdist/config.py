@@ -37,6 +37,12 @@ class ModelConfig(Section):
     base_width: int = Field(24, ge=1)
     depth: int = Field(4, ge=1, le=8)
     head: Literal["square", "mean_exp"] = "square"  # square: the reference; mean_exp: mean pattern x exp(net)
+    window: Literal[3, 5] = 3  # the blind spot's neighbourhood: 3 x 3 (8 neighbours, the reference) or 5 x 5 (24)
+
+    @property
+    def halo(self) -> int:
+        """Scan positions each tile borrows from its neighbours on every side."""
+        return self.window // 2
 
 
 class TrainConfig(Section):

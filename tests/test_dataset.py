@@ -8,7 +8,7 @@ import torch
 import zarr
 
 from stemdist.data.dataset import NeighbourPatches
-from stemdist.data.tiles import OFFSETS, BlockReader, Grid, flat_index, tile_positions
+from stemdist.data.tiles import BlockReader, Grid, flat_index, neighbour_offsets, tile_positions
 from stemdist.io.zarr_store import create_cube
 
 
@@ -24,16 +24,19 @@ def make_cubes(tmp_path, shape, tile, seed=0):
     return cubes
 
 
-def naive_samples(mix, borders):
-    """{(i, j): (neighbours (8, P, Q), centre (P, Q))} by plain indexing, as the reference does."""
+def naive_samples(mix, borders, halo=1):
+    """{(i, j): (neighbours (m, P, Q), centre (P, Q))} by plain indexing, as the reference does (its 3 x 3
+    window for ``halo`` 1; 5 x 5 for 2, in raster order)."""
     H, W = mix.shape[:2]
-    padded = np.pad(mix, ((1, 1), (1, 1), (0, 0), (0, 0)), mode="reflect")
+    r = halo
+    padded = np.pad(mix, ((r, r), (r, r), (0, 0), (0, 0)), mode="reflect")
     out = {}
     for i in range(H):
         for j in range(W):
-            if borders == "copy" and not (1 <= i <= H - 2 and 1 <= j <= W - 2):
+            if borders == "copy" and not (r <= i <= H - 1 - r and r <= j <= W - 1 - r):
                 continue
-            nb = np.stack([padded[i + 1 + di, j + 1 + dj] for di, dj in OFFSETS])
+            offsets = [(di, dj) for di in range(-r, r + 1) for dj in range(-r, r + 1) if (di, dj) != (0, 0)]
+            nb = np.stack([padded[i + r + di, j + r + dj] for di, dj in offsets])
             out[(i, j)] = (nb, mix[i, j])
     return out
 
@@ -41,22 +44,25 @@ def naive_samples(mix, borders):
 @pytest.mark.parametrize("shape,tile", [((10, 9, 12, 10), 4), ((5, 7, 3, 5), 2), ((3, 3, 4, 4), 3),
                                         ((6, 11, 16, 16), 5)])
 @pytest.mark.parametrize("borders", ["reflect", "copy"])
-def test_block_gather_equals_naive(tmp_path, shape, tile, borders):
+@pytest.mark.parametrize("halo", [1, 2])
+def test_block_gather_equals_naive(tmp_path, shape, tile, borders, halo):
     cubes = make_cubes(tmp_path, shape, tile)
     raw = zarr.open_array(cubes["raw"][0], mode="r")
     den = zarr.open_array(cubes["den"][0], mode="r")
     beta = 0.3
     mix = (1 - beta) * cubes["raw"][1] + beta * cubes["den"][1]
-    naive = naive_samples(mix, borders)
-    reader = BlockReader(raw, den, beta, cache_chunks=2)
-    grid = Grid.of(raw)
+    naive = naive_samples(mix, borders, halo)
+    grid = Grid.of(raw, halo)
+    reader = BlockReader(raw, den, beta, cache_chunks=2, grid=grid)
     seen = set()
     for t in range(grid.n_tiles):
         y0, _, x0, _ = grid.bounds(t)
         block = reader.block(t)
         i, j = tile_positions(grid, t, borders)
-        nine = block.reshape(-1, *block.shape[2:])[flat_index(np.zeros_like(i), i, j, block.shape[:2])]
-        nb, ce = nine[:, :8], nine[:, 8:]
+        assert block.shape[:2] == (grid.bounds(t)[1] - y0 + 2 * halo, grid.bounds(t)[3] - x0 + 2 * halo)
+        window = block.reshape(-1, *block.shape[2:])[flat_index(np.zeros_like(i), i, j, block.shape[:2], halo)]
+        nb, ce = window[:, :-1], window[:, -1:]
+        assert nb.shape[1] == (2 * halo + 1) ** 2 - 1
         for n in range(len(i)):
             key = (y0 + i[n], x0 + j[n])
             seen.add(key)
@@ -67,30 +73,31 @@ def test_block_gather_equals_naive(tmp_path, shape, tile, borders):
 
 @pytest.mark.parametrize("borders", ["reflect", "copy"])
 @pytest.mark.parametrize("target", ["mix", "raw"])
-def test_dataset_batches_are_the_naive_samples(tmp_path, borders, target):
+@pytest.mark.parametrize("halo", [1, 2])
+def test_dataset_batches_are_the_naive_samples(tmp_path, borders, target, halo):
     shape = (9, 7, 6, 5)
     cubes = make_cubes(tmp_path, shape, tile=3)
     beta = 0.6
     raw_np, den_np = cubes["raw"][1], cubes["den"][1]
     mix = (1 - beta) * raw_np + beta * den_np
-    naive = naive_samples(mix, borders)
-    # the neighbours identify the position: the first neighbour's first pixel is unique per pattern
-    where = {}
-    for (i, j), (nb, _) in naive.items():
-        where[(round(float(nb[1, 0, 0]), 5), round(float(nb[6, 0, 0]), 5), round(float(nb[3, 0, 0]), 5),
-               round(float(nb[4, 0, 0]), 5))] = (i, j)
+    naive = naive_samples(mix, borders, halo)
+    # the four nearest neighbours identify the position (their first pixels are unique per pattern)
+    near = [int(np.flatnonzero((neighbour_offsets(halo) == d).all(1))[0]) for d in [(-1, 0), (1, 0), (0, -1), (0, 1)]]
+
+    def key(nb):
+        return tuple(round(float(nb[c, 0, 0]), 5) for c in near)
+
+    where = {key(nb): (i, j) for (i, j), (nb, _) in naive.items()}
     ds = NeighbourPatches(cubes["raw"][0], cubes["den"][0], beta, batch_size=4, borders=borders, target=target,
-                          shuffle_tiles=2, cache_chunks=3)
+                          shuffle_tiles=2, cache_chunks=3, halo=halo)
     plan = ds.plan(0)
     counts: dict = {}
     n_batches = 0
     for x, y in ds.batches():
         n_batches += 1
-        assert x.shape == (4, 8, 6, 5) and y.shape == (4, 1, 6, 5) and x.dtype == torch.float32
+        assert x.shape == (4, (2 * halo + 1) ** 2 - 1, 6, 5) and y.shape == (4, 1, 6, 5) and x.dtype == torch.float32
         for nb, ce in zip(x.numpy(), y.numpy(), strict=True):
-            key = (round(float(nb[1, 0, 0]), 5), round(float(nb[6, 0, 0]), 5), round(float(nb[3, 0, 0]), 5),
-                   round(float(nb[4, 0, 0]), 5))
-            pos = where[key]
+            pos = where[key(nb)]
             np.testing.assert_allclose(nb, naive[pos][0], rtol=1e-6)
             expected = naive[pos][1] if target == "mix" else raw_np[pos]
             np.testing.assert_allclose(ce[0], expected, rtol=1e-6)

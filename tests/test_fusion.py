@@ -216,3 +216,26 @@ def test_detector_regions_rings_and_sectors():
     assert labels[10, 10] // 4 == 0 and labels[10, 19] // 4 == 2 and labels[0, 0] // 4 == 3
     assert len(np.unique(labels)) == 16
     assert set(np.unique(labels[8:13, 8:13] // 4)) == {0}
+
+
+@pytest.mark.parametrize("halo", [1, 2])
+def test_fusion_risk_is_unbiased_for_a_neighbour_mean_network(halo):
+    """For a network that is the mean of its window's neighbours (8 or 24), SURE of the fusion averages to
+    the true squared error over Poisson draws (at a fixed gain; an interior-dominated 48 x 48 scan)."""
+    rng = np.random.default_rng(3)
+    lam = smooth_image(48)
+    n = 2 * halo + 1
+    mean = np.full((n, n), 1 / (n * n - 1))
+    mean[halo, halo] = 0
+    smooth = lambda a, s: ndimage.gaussian_filter(a, s, truncate=sure.TRUNCATE, mode="reflect")  # noqa: E731
+    est, true, other = [], [], []
+    for _ in range(200):
+        y = rng.poisson(lam).astype(np.float64)
+        net = ndimage.convolve(y, mean, mode="reflect")
+        est.append(sure.fusion_risk(y, net, 1.0, 1.5, halo, g=0.5)[1])
+        other.append(sure.fusion_risk(y, net, 1.0, 1.5, 3 - halo, g=0.5)[1])
+        a = smooth(net, 1.0)
+        true.append(((a + 0.5 * smooth(y - a, 1.5) - lam) ** 2).sum())
+    se = np.std(np.array(est) - np.array(true)) / np.sqrt(len(est))
+    assert abs(np.mean(est) - np.mean(true)) < 4 * se + 0.02 * np.mean(true)
+    assert abs(np.mean(other) - np.mean(true)) > 0.5 * np.mean(true)  # the other window's weights are wrong

@@ -86,23 +86,24 @@ Group = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def split_group(group: Group) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The training batches ``(neighbours (B, 8, P, Q), centres (B, 1, P, Q))`` of one yielded group.
+    """The training batches ``(neighbours (B, m, P, Q), centres (B, 1, P, Q))`` of one yielded group.
 
-    Runs where the group's tensors are: after one copy to the GPU, the 9x larger neighbour stacks are
+    Runs where the group's tensors are: after one copy to the GPU, the m-times larger neighbour stacks are
     built there by indexing, and never cross the host-device link.
     """
     patterns, index, targets = group[:3]
     for b in range(len(index)):
-        x = patterns[index[b, :, :8]]
-        y = patterns[index[b, :, 8]] if targets.numel() == 0 else targets[b]
+        x = patterns[index[b, :, :-1]]
+        y = patterns[index[b, :, -1]] if targets.numel() == 0 else targets[b]
         yield x, y[:, None]
 
 
 class NeighbourPatches(IterableDataset):
-    """Yields groups of training batches, each ``(patterns (U, P, Q), index (n, B, 9), targets, buffer)``.
+    """Yields groups of training batches, each ``(patterns (U, P, Q), index (n, B, m + 1), targets, buffer)``.
 
     ``patterns`` are the halo blocks of ``shuffle_tiles`` tiles, flattened (each pattern once);
-    ``index[b]`` holds, per sample of batch ``b``, the rows of its 8 neighbours and its centre;
+    ``index[b]`` holds, per sample of batch ``b``, the rows of its ``m`` neighbours (8 for ``halo`` 1, 24
+    for 2) and its centre;
     :func:`split_group` turns a group into ``n`` batches of ready tensors. ``raw`` and ``den`` are Zarr
     array paths; the training cube is ``(1 - beta) raw + beta den``, computed on the fly. Targets are the
     centres of the same blend (``target="mix"``, ``targets`` empty) or of ``raw`` (``targets`` (n, B, P, Q)).
@@ -113,11 +114,11 @@ class NeighbourPatches(IterableDataset):
     def __init__(self, raw: str, den: str | None = None, beta: float = 0.0, *, batch_size: int = 32,
                  borders: Borders = "reflect", target: str = "mix", shuffle_tiles: int = 4,
                  cache_chunks: int = 12, num_workers: int = 0, seed: int = 0, cycle: int = 0,
-                 rank: int = 0, world_size: int = 1, prefetch_factor: int = 2):
+                 rank: int = 0, world_size: int = 1, prefetch_factor: int = 2, halo: int = 1):
         super().__init__()
         self.raw, self.den, self.beta = str(raw), None if den is None else str(den), float(beta)
         arr = zarr.open_array(self.raw, mode="r")
-        self.grid = Grid.of(arr)
+        self.grid = Grid.of(arr, halo)
         self.batch_size, self.borders, self.target = batch_size, borders, target
         self.shuffle_tiles, self.cache_chunks = shuffle_tiles, cache_chunks
         self.num_workers, self.seed, self.cycle = num_workers, seed, cycle
@@ -176,7 +177,7 @@ class NeighbourPatches(IterableDataset):
             self._ring = [None] * self._held.shape[1]
         if self._ring[slot] is None:  # the largest group: all its tiles' blocks plus a carried partial batch
             g, B = self.grid, self.batch_size
-            most = self.shuffle_tiles * (g.ty + 2) * (g.tx + 2) + 9 * (B - 1)
+            most = self.shuffle_tiles * g.slot[0] * g.slot[1] + (len(g.offsets) + 1) * (B - 1)
             self._ring[slot] = (torch.empty((most, P, Q)).share_memory_(),
                                 torch.empty((-(-most // B), B, P, Q)).share_memory_() if raw_targets else None)
         self._held[worker, slot] = 1
@@ -202,12 +203,12 @@ class NeighbourPatches(IterableDataset):
 
     def _groups(self, segments: list[Segment], rng: np.random.Generator, worker: int | None) -> Iterator[Group]:
         """Groups of ``shuffle_tiles`` tiles, their samples shuffled together; the samples that do not fill
-        a last batch are carried (as their 9 patterns) into the next group, so every batch is full."""
+        a last batch are carried (as their m + 1 patterns) into the next group, so every batch is full."""
         mix, target = self._readers()
         B, g = self.batch_size, self.grid
-        slot = (g.ty + 2, g.tx + 2)
+        slot, m1 = g.slot, len(g.offsets) + 1
         P, Q = mix.raw.shape[2:]
-        carry = np.zeros((0, 9, P, Q), np.float32)  # patterns of carried samples
+        carry = np.zeros((0, m1, P, Q), np.float32)  # patterns of carried samples
         carry_t = np.zeros((0, P, Q), np.float32)  # their targets (from ``raw``)
         for g0 in range(0, len(segments), self.shuffle_tiles):
             group = segments[g0:g0 + self.shuffle_tiles]
@@ -220,12 +221,12 @@ class NeighbourPatches(IterableDataset):
                 k.append(np.full(b - a, n))
             k, i, j = (np.concatenate(v) for v in (k, i, j))
             perm = rng.permutation(len(k))
-            index = flat_index(k[perm], i[perm], j[perm], slot)
-            index = np.concatenate([n_blocks + np.arange(carry.shape[0] * 9).reshape(-1, 9), index])
+            index = flat_index(k[perm], i[perm], j[perm], slot, g.halo)
+            index = np.concatenate([n_blocks + np.arange(carry.shape[0] * m1).reshape(-1, m1), index])
             full = len(index) // B * B
             # one buffer: the group's halo blocks, then the carried samples' patterns (shared memory in a
             # loader worker: the DataLoader passes it on without another copy)
-            patterns, targets, ring = self._buffers(worker, n_blocks + carry.shape[0] * 9, full // B, P, Q)
+            patterns, targets, ring = self._buffers(worker, n_blocks + carry.shape[0] * m1, full // B, P, Q)
             buf = patterns.numpy()
             blocks = buf[:n_blocks].reshape(len(group), *slot, P, Q)
             buf[n_blocks:] = carry.reshape(-1, P, Q)
@@ -237,14 +238,14 @@ class NeighbourPatches(IterableDataset):
                 tblocks = np.empty_like(blocks)
                 for n, (t, _, _) in enumerate(group):
                     target.block(t, tblocks[n])
-                centres = np.concatenate([carry_t, tblocks.reshape(-1, P, Q)[index[len(carry_t):, 8]]])
+                centres = np.concatenate([carry_t, tblocks.reshape(-1, P, Q)[index[len(carry_t):, -1]]])
                 targets.numpy().reshape(-1, P, Q)[:] = centres[:full]
                 carry_t = centres[full:]
             tag = torch.tensor([-1 if worker is None else worker, ring])
             if full == 0:
                 self.release((patterns, None, None, tag))
                 continue
-            yield patterns, torch.from_numpy(index[:full].reshape(-1, B, 9)), \
+            yield patterns, torch.from_numpy(index[:full].reshape(-1, B, m1)), \
                 (targets if targets is not None else torch.zeros(0)), tag
         if len(carry):
             raise RuntimeError(f"shard ended with a partial batch of {len(carry)} samples")

@@ -16,24 +16,45 @@ import zarr
 
 from ..io.zarr_store import ChunkReader
 
-# Channel order of the 8 neighbours (di, dj), as in the reference.
-OFFSETS = np.array([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
-NINE = np.concatenate([OFFSETS, [(0, 0)]])  # the neighbours, then the centre
 Borders = Literal["reflect", "copy"]
+
+
+def neighbour_offsets(halo: int = 1) -> np.ndarray:
+    """``(di, dj)`` of the neighbours in a ``(2 halo + 1)``-wide window, raster order, the centre left out:
+    the network's input channels (``halo`` 1: the reference's 8; 2: the 24 of a 5 x 5 window)."""
+    d = np.arange(-halo, halo + 1)
+    di, dj = np.meshgrid(d, d, indexing="ij")
+    keep = (di != 0) | (dj != 0)
+    return np.stack([di[keep], dj[keep]], axis=1)
+
+
+OFFSETS = neighbour_offsets(1)  # the reference's channel order
 
 
 @dataclass(frozen=True)
 class Grid:
-    """A scan of ``H x W`` positions cut into tiles of ``ty x tx`` (the Zarr chunks over the scan)."""
+    """A scan of ``H x W`` positions cut into tiles of ``ty x tx`` (the Zarr chunks over the scan), each read
+    with ``halo`` positions of its neighbours on every side (the blind spot's window is ``2 halo + 1`` wide)."""
 
     H: int
     W: int
     ty: int
     tx: int
+    halo: int = 1
 
     @classmethod
-    def of(cls, arr: zarr.Array) -> Grid:
-        return cls(arr.shape[0], arr.shape[1], arr.chunks[0], arr.chunks[1])
+    def of(cls, arr: zarr.Array, halo: int = 1) -> Grid:
+        return cls(arr.shape[0], arr.shape[1], arr.chunks[0], arr.chunks[1], halo)
+
+    @property
+    def slot(self) -> tuple[int, int]:
+        """Positions of the largest tile with its halo."""
+        return self.ty + 2 * self.halo, self.tx + 2 * self.halo
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """The neighbours' ``(di, dj)``, in channel order."""
+        return neighbour_offsets(self.halo)
 
     @property
     def tile(self) -> tuple[int, int]:
@@ -54,10 +75,12 @@ class Grid:
         return cy * self.ty, min((cy + 1) * self.ty, self.H), cx * self.tx, min((cx + 1) * self.tx, self.W)
 
     def sample_box(self, t: int, borders: Borders) -> tuple[int, int, int, int]:
-        """Positions of tile ``t`` that are training samples (all, or the interior for ``copy``)."""
+        """Positions of tile ``t`` that are training samples (all, or those with every neighbour inside the
+        scan for ``copy``)."""
         y0, y1, x0, x1 = self.bounds(t)
         if borders == "copy":
-            y0, y1, x0, x1 = max(y0, 1), min(y1, self.H - 1), max(x0, 1), min(x1, self.W - 1)
+            r = self.halo
+            y0, y1, x0, x1 = max(y0, r), min(y1, self.H - r), max(x0, r), min(x1, self.W - r)
         return y0, max(y0, y1), x0, max(x0, x1)
 
     def n_samples(self, t: int, borders: Borders) -> int:
@@ -69,7 +92,7 @@ class Grid:
 
 
 class BlockReader:
-    """Reads scan blocks with a one-position halo of ``(1 - beta) * raw + beta * den`` as float32.
+    """Reads scan blocks with a halo (``grid.halo`` positions) of ``(1 - beta) * raw + beta * den`` as float32.
 
     Whole chunks are decoded and kept in a small LRU cache (in the input's dtype when nothing is
     blended), so the halo rows that a tile borrows from its neighbours cost no extra decode when those
@@ -149,38 +172,43 @@ class BlockReader:
         return out
 
     def block(self, t: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Tile ``t`` with a one-position halo on every side, ``(h + 2, w + 2, P, Q)`` for a tile of
-        ``h x w`` positions (written into the top-left corner of ``out`` when given).
+        """Tile ``t`` with a halo of ``r = grid.halo`` positions on every side, ``(h + 2r, w + 2r, P, Q)`` for
+        a tile of ``h x w`` positions (written into the top-left corner of ``out`` when given).
 
-        Halo positions outside the scan are filled by reflection (index -1 -> 1, H -> H - 2), so a
-        border position's missing neighbours are real, distinct patterns and never the centre itself.
+        Halo positions outside the scan are filled by reflection (index -k -> k, H - 1 + k -> H - 1 - k), so
+        a border position's missing neighbours are real, distinct patterns and never the centre itself.
         """
-        y0, y1, x0, x1 = self.grid.bounds(t)
-        H, W = self.grid.H, self.grid.W
-        h, w = y1 - y0 + 2, x1 - x0 + 2
+        g = self.grid
+        r = g.halo
+        y0, y1, x0, x1 = g.bounds(t)
+        h, w = y1 - y0 + 2 * r, x1 - x0 + 2 * r
         if out is None:
             out = np.empty((h, w) + tuple(self.raw.shape[2:]), dtype=np.float32)
-        ya, yb, xa, xb = max(y0 - 1, 0), min(y1 + 1, H), max(x0 - 1, 0), min(x1 + 1, W)
-        top, left = ya - (y0 - 1), xa - (x0 - 1)  # 1 where the halo lies outside the scan
+        ya, yb, xa, xb = max(y0 - r, 0), min(y1 + r, g.H), max(x0 - r, 0), min(x1 + r, g.W)
+        top, left = ya - (y0 - r), xa - (x0 - r)  # halo rows / columns outside the scan
+        bottom, right = y1 + r - yb, x1 + r - xb
         self.region(ya, yb, xa, xb, out[top:top + yb - ya, left:left + xb - xa])
-        # reflect rows, then columns (so corners reflect twice, as numpy.pad does)
-        if top:
-            out[0, left:left + xb - xa] = out[2, left:left + xb - xa]
-        if yb < y1 + 1:
-            out[h - 1, left:left + xb - xa] = out[h - 3, left:left + xb - xa]
-        if left:
-            out[:h, 0] = out[:h, 2]
-        if xb < x1 + 1:
-            out[:h, w - 1] = out[:h, w - 3]
+        # reflect rows, then columns (so corners reflect twice, as numpy.pad does); block index of scan
+        # row y is y - y0 + r
+        cols = slice(left, left + xb - xa)
+        for k in range(1, top + 1):  # scan row -k <- row k
+            out[r - y0 - k, cols] = out[r - y0 + k, cols]
+        for k in range(1, bottom + 1):  # scan row H - 1 + k <- row H - 1 - k
+            out[g.H - 1 + k - y0 + r, cols] = out[g.H - 1 - k - y0 + r, cols]
+        for k in range(1, left + 1):
+            out[:h, r - x0 - k] = out[:h, r - x0 + k]
+        for k in range(1, right + 1):
+            out[:h, g.W - 1 + k - x0 + r] = out[:h, g.W - 1 - k - x0 + r]
         return out[:h, :w]
 
 
-def flat_index(k: np.ndarray, i: np.ndarray, j: np.ndarray, slot: tuple[int, int]) -> np.ndarray:
-    """``(n, 9)`` indices of the 8 neighbours (in :data:`OFFSETS` order) and the centre of positions
-    ``(i, j)`` of blocks ``k``, into blocks of ``slot = (ty + 2, tx + 2)`` positions flattened to one
-    list of patterns: the neighbour gather becomes one indexing op wherever the patterns are (the GPU)."""
-    ii = i[:, None] + 1 + NINE[None, :, 0]
-    jj = j[:, None] + 1 + NINE[None, :, 1]
+def flat_index(k: np.ndarray, i: np.ndarray, j: np.ndarray, slot: tuple[int, int], halo: int = 1) -> np.ndarray:
+    """``(n, m + 1)`` indices of the ``m`` neighbours (in :func:`neighbour_offsets` order) and the centre of
+    positions ``(i, j)`` of blocks ``k``, into blocks of ``slot`` positions (a tile with its halo) flattened
+    to one list of patterns: the neighbour gather becomes one indexing op wherever the patterns are (the GPU)."""
+    window = np.concatenate([neighbour_offsets(halo), [(0, 0)]])  # the neighbours, then the centre
+    ii = i[:, None] + halo + window[None, :, 0]
+    jj = j[:, None] + halo + window[None, :, 1]
     return (k[:, None] * slot[0] + ii) * slot[1] + jj
 
 

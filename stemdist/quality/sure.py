@@ -55,8 +55,6 @@ def sure_sigma(counts: np.ndarray, candidates: np.ndarray = CANDIDATES) -> float
 
 FUSION_S1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # scan widths smoothing the network's image
 FUSION_S2 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # scan widths smoothing the residual
-_N8 = np.ones((3, 3)) / 8
-_N8[1, 1] = 0
 
 
 def scan_smooth(a: np.ndarray, sigma: float) -> np.ndarray:
@@ -71,22 +69,27 @@ def own_weights(shape: tuple[int, ...], sigma: float) -> np.ndarray:
     return np.outer(self_weights(shape[0], sigma), self_weights(shape[1], sigma))
 
 
-def neighbour_weights(s1: float, s2: float) -> tuple[float, float]:
-    """Weight on a position itself of ``G_{s1} N`` and ``G_{s2} G_{s1} N``, where ``N`` averages the 8
-    neighbours: how the network's image, taken as its neighbours' mean, passes a position's own counts
-    back to it once smoothed (an interior position; the scan's edges are a small share)."""
-    r = int(TRUNCATE * (s1 + s2) + 0.5) + 2
+def neighbour_weights(s1: float, s2: float, halo: int = 1) -> tuple[float, float]:
+    """Weight on a position itself of ``G_{s1} N`` and ``G_{s2} G_{s1} N``, where ``N`` averages the
+    neighbours of a ``2 halo + 1`` window (8 or 24): how the network's image, taken as its neighbours' mean,
+    passes a position's own counts back to it once smoothed (an interior position; the scan's edges are a
+    small share)."""
+    n = 2 * halo + 1
+    mean = np.full((n, n), 1 / (n * n - 1))
+    mean[halo, halo] = 0
+    r = int(TRUNCATE * (s1 + s2) + 0.5) + 2 + halo
     delta = np.zeros((2 * r + 1, 2 * r + 1))
     delta[r, r] = 1.0
-    n1 = ndimage.convolve(scan_smooth(delta, s1), _N8, mode="constant")
+    n1 = ndimage.convolve(scan_smooth(delta, s1), mean, mode="constant")
     return float(n1[r, r]), float(scan_smooth(n1, s2)[r, r])
 
 
-def fusion_choice(counts: np.ndarray, network: np.ndarray, s1s=FUSION_S1, s2s=FUSION_S2
+def fusion_choice(counts: np.ndarray, network: np.ndarray, s1s=FUSION_S1, s2s=FUSION_S2, halo: int = 1
                   ) -> tuple[float, float, float, float]:
     """``(s1, s2, g, w)`` minimising SURE of ``w G_{s1}(network) + g G_{s2}(counts - w G_{s1}(network))`` for
     one virtual image: ``counts`` the raw image, ``network`` the blind-spot network's (which does not depend
-    on a position's own counts; its dependence on the 8 neighbours' is taken as their mean, which overstates
+    on a position's own counts; its dependence on its neighbours' (``halo``: as in
+    :func:`neighbour_weights`) is taken as their mean, which overstates
     what the smoothed network passes back and so errs towards less smoothing). ``w`` is 1, or 0 where a
     plain Gaussian of the raw counts (``g`` = 1) has the lower risk: the network is never used where it
     does worse. ``g`` in [0, 1] is exact for each pair of widths: SURE is quadratic in it."""
@@ -100,14 +103,24 @@ def fusion_choice(counts: np.ndarray, network: np.ndarray, s1s=FUSION_S1, s2s=FU
         if risk < best[4]:
             best = (0.0, float(s2), 1.0, 0.0, risk)
     for s1 in s1s:
-        a = scan_smooth(lam, s1)
         for s2 in s2s:
-            b = scan_smooth(y - a, s2)
-            own = own_weights(y.shape, s2)
-            via_a, via_ab = neighbour_weights(s1, s2)
-            bb = float((b * b).sum())
-            g = 0.0 if bb == 0 else float(np.clip(((b * (y - a)).sum() - ((own - via_ab) * y).sum()) / bb, 0, 1))
-            risk = float(((a + g * b - y) ** 2).sum() + 2 * ((g * (own - via_ab) + via_a) * y).sum() - y.sum())
+            g, risk = fusion_risk(y, lam, float(s1), float(s2), halo)
             if risk < best[4]:
                 best = (float(s1), float(s2), g, 1.0, risk)
     return best[:4]
+
+
+def fusion_risk(counts: np.ndarray, network: np.ndarray, s1: float, s2: float, halo: int = 1,
+                g: float | None = None) -> tuple[float, float]:
+    """``(g, SURE)`` of ``G_{s1}(network) + g G_{s2}(counts - G_{s1}(network))``, ``g`` the risk's minimiser in
+    [0, 1] unless given; the network taken as the mean of its ``halo`` window's neighbours (see
+    :func:`fusion_choice`)."""
+    y = np.asarray(counts, np.float64)
+    a = scan_smooth(np.asarray(network, np.float64), s1)
+    b = scan_smooth(y - a, s2)
+    own = own_weights(y.shape, s2)
+    via_a, via_ab = neighbour_weights(s1, s2, halo)
+    if g is None:
+        bb = float((b * b).sum())
+        g = 0.0 if bb == 0 else float(np.clip(((b * (y - a)).sum() - ((own - via_ab) * y).sum()) / bb, 0, 1))
+    return g, float(((a + g * b - y) ** 2).sum() + 2 * ((g * (own - via_ab) + via_a) * y).sum() - y.sum())

@@ -1,6 +1,6 @@
 """The final estimate: the network's cube fused with the raw counts over the scan.
 
-The blind-spot network predicts each pattern from its 8 neighbours only, about 8 x the dose of
+The blind-spot network predicts each pattern from its 8 (or 24) neighbours only, about 8 x the dose of
 one pattern. On a scan whose probes overlap, the signal varies smoothly from position to position,
 so much more of the raw data says something about every position. The fused estimate keeps what the
 network gets right and takes the rest from the raw counts, which are unbiased. Two plans, both chosen
@@ -265,7 +265,7 @@ def _split(raw_parts: np.ndarray, den_parts: np.ndarray, raw_whole: np.ndarray, 
 
 
 def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int = 1, share_sigma: float = 0.0,
-                   sample_chunks: int = SAMPLE_CHUNKS) -> RegionPlan:
+                   sample_chunks: int = SAMPLE_CHUNKS, halo: int = 1) -> RegionPlan:
     """The :class:`RegionPlan` of ``raw`` (Zarr) and the network's ``den`` (Zarr or dask) for detector
     ``labels`` (``ring · sectors + sector``), top down: the whole pattern's total by SURE on the total-counts
     images (:func:`stemdist.quality.sure.fusion_choice`), how it splits into rings, then how each ring
@@ -273,7 +273,7 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
     over every pixel of up to ``sample_chunks`` scan chunks for the detail within sectors. The network's
     shares are smoothed by ``share_sigma`` (SURE cannot score that: the shares depend on every neighbour's
     counts through the network; :func:`stemdist.run.final.fusion_plan` takes half the raw bright-field
-    image's SURE width)."""
+    image's SURE width). ``halo``: the network's blind-spot window, as in ``model.halo``."""
     raw_img, den_img = region_images(raw, den, labels)
     n = raw_img.shape[-1]
     ring_of = np.arange(n) // sectors
@@ -285,7 +285,7 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
 
     ring_raw, ring_den = by_ring(raw_img), by_ring(den_img)
     total_raw, total_den = ring_raw.sum(-1), ring_den.sum(-1)
-    s1, s2, g, w = fusion_choice(total_raw, total_den)
+    s1, s2, g, w = fusion_choice(total_raw, total_den, halo=halo)
     a = w * scan_smooth(total_den, s1)
     total = a + g * scan_smooth(total_raw - a, s2)
     ring_mean = np.bincount(ring_of, weights=mean_totals, minlength=rings)

@@ -38,9 +38,10 @@ def predict_block(model: torch.nn.Module, block: torch.Tensor, grid: Grid, t: in
     """Denoised patterns ``(h, w, P, Q)`` of tile ``t`` from its halo ``block``, on ``device``; with ``copy``
     borders the scan's border positions keep their input patterns."""
     y0, y1, x0, x1 = grid.bounds(t)
+    r = grid.halo
     blk = block.to(device, non_blocking=True)
-    out = blk[1:y1 - y0 + 1, 1:x1 - x0 + 1].clone()
-    # the block's patterns cross to the device once; the 8-neighbour stacks are built there
+    out = blk[r:y1 - y0 + r, r:x1 - x0 + r].clone()
+    # the block's patterns cross to the device once; the neighbour stacks are built there
     patterns = blk.reshape(-1, *blk.shape[2:])
     ii, jj, index = _positions(grid, t, borders, device)
     for s in range(0, len(ii), batch_size):
@@ -59,10 +60,11 @@ def _positions(grid: Grid, t: int, borders: Borders, device: torch.device
     shapes, so they are made once per shape: a copy from pageable memory would wait for the device."""
     y0, y1, x0, x1 = grid.bounds(t)
     sy0, sy1, sx0, sx1 = grid.sample_box(t, borders)
-    key = (y1 - y0, x1 - x0, sy0 - y0, sy1 - y0, sx0 - x0, sx1 - x0, str(device))
+    r = grid.halo
+    key = (y1 - y0, x1 - x0, sy0 - y0, sy1 - y0, sx0 - x0, sx1 - x0, r, str(device))
     if key not in _POSITIONS:
         ii, jj = tile_positions(grid, t, borders)
-        index = flat_index(np.zeros_like(ii), ii, jj, (y1 - y0 + 2, x1 - x0 + 2))[:, :8]
+        index = flat_index(np.zeros_like(ii), ii, jj, (y1 - y0 + 2 * r, x1 - x0 + 2 * r), r)[:, :-1]
         _POSITIONS[key] = tuple(torch.from_numpy(a).to(device) for a in (ii, jj, index))
     return _POSITIONS[key]
 
@@ -76,7 +78,7 @@ class ReadAhead:
         self.args = (raw, den, beta, max(1, cache_chunks // threads), grid)
         self.local = threading.local()
         self.threads, self.grid = threads, grid
-        shape = (grid.ty + 2, grid.tx + 2) + tuple(raw.shape[2:])
+        shape = grid.slot + tuple(raw.shape[2:])
         self.free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         for _ in range(2 * threads + 2):
             self.free.put(torch.empty(shape, dtype=torch.float32, pin_memory=pin))
@@ -87,7 +89,7 @@ class ReadAhead:
             reader = self.local.reader = BlockReader(*self.args)
         y0, y1, x0, x1 = self.grid.bounds(t)
         reader.block(t, buf.numpy())
-        return buf[:y1 - y0 + 2, :x1 - x0 + 2]
+        return buf[:y1 - y0 + 2 * self.grid.halo, :x1 - x0 + 2 * self.grid.halo]
 
     def __call__(self, tiles: range) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """``(tile, block view, its buffer)``; put the buffer back in :attr:`free` once the block is used."""
@@ -107,14 +109,14 @@ class ReadAhead:
 def infer(model: torch.nn.Module, raw: zarr.Array, den: zarr.Array | None, beta: float, out: zarr.Array,
           *, borders: Borders, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1,
           cache_chunks: int = 12, autocast: torch.dtype | None = None, progress=None,
-          bf_mask: np.ndarray | None = None, threads: int = 2) -> np.ndarray:
+          bf_mask: np.ndarray | None = None, threads: int = 2, halo: int = 1) -> np.ndarray:
     """Write this rank's chunks of ``out`` = model applied to ``(1 - beta) raw + beta den``.
 
     Returns two images of the chunks this rank wrote, zero elsewhere (summed over ranks they are whole, for
     free: no second pass): ``[0]`` the virtual bright-field (counts in ``bf_mask``, or the whole detector),
     ``[1]`` the total counts of every pattern (what the divergence check reads).
     """
-    grid = Grid.of(out)  # the output's chunks: each rank writes whole ones
+    grid = Grid.of(out, halo)  # the output's chunks: each rank writes whole ones
     cuda = device.type == "cuda"
     threads = max(1, threads)
     readers = ReadAhead(raw, den, beta, grid, cache_chunks, threads, pin=cuda)

@@ -231,7 +231,8 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
                            batch_size=config.inference.batch_size, device=device, rank=ranks.rank,
                            world_size=ranks.world_size, cache_chunks=config.data.cache_chunks,
                            autocast=hardware.autocast_dtype(config), progress=advance,
-                           threads=hardware.io_threads(ranks.local_world_size), bf_mask=bf_mask)
+                           threads=hardware.io_threads(ranks.local_world_size), bf_mask=bf_mask,
+                           halo=config.model.halo)
         module.cpu().train()
         bf, totals = rk.sum_to_main(images)
         rk.barrier()

@@ -69,7 +69,7 @@ def predict(source: str | Path, input_path: str | Path, output: str | Path, *, d
               batch_size=batch_size or config.inference.batch_size, device=device, rank=ranks.rank,
               world_size=ranks.world_size, cache_chunks=config.data.cache_chunks,
               autocast=hardware.autocast_dtype(config), progress=advance,
-              threads=hardware.io_threads(ranks.local_world_size))
+              threads=hardware.io_threads(ranks.local_world_size), halo=config.model.halo)
     rk.barrier()
     if ranks.is_main:
         mark_complete(out)

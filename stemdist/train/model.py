@@ -1,4 +1,4 @@
-"""The blind-spot U-Net: 8 neighbouring patterns in, the centre pattern out (non-negative rates)."""
+"""The blind-spot U-Net: the neighbouring patterns in (8, or 24), the centre pattern out (non-negative rates)."""
 
 from __future__ import annotations
 

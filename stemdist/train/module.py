@@ -6,6 +6,7 @@ import pytorch_lightning as pl
 import torch
 
 from ..config import ModelConfig, TrainConfig
+from ..data.tiles import neighbour_offsets
 from .losses import pixel_weights, poisson_loss, warmup_loss
 from .model import UNet
 
@@ -19,7 +20,7 @@ def warmup_epochs(train: TrainConfig) -> int:
 class Denoiser(pl.LightningModule):
     def __init__(self, model: ModelConfig, train: TrainConfig, channels_last: bool = False):
         super().__init__()
-        self.net = UNet(8, model.base_width, model.depth, model.head)
+        self.net = UNet(len(neighbour_offsets(model.halo)), model.base_width, model.depth, model.head)
         self.train_cfg = train
         self.channels_last = channels_last
         if channels_last:

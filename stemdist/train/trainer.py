@@ -150,7 +150,7 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
         raw, den, beta, batch_size=c.train.batch_size, borders=c.data.borders, target=c.train.target,
         shuffle_tiles=c.data.shuffle_tiles, cache_chunks=c.data.cache_chunks, num_workers=c.data.num_workers,
         seed=c.train.seed, cycle=cycle, rank=ranks.rank, world_size=ranks.world_size,
-        prefetch_factor=c.data.prefetch_factor)
+        prefetch_factor=c.data.prefetch_factor, halo=c.model.halo)
     plan = dataset.plan(0)
     epochs = max(c.train.epochs, math.ceil(c.train.min_samples / max(plan.total, 1)))
     if epochs != c.train.epochs:
