@@ -54,6 +54,8 @@ class TrainConfig(Section):
     warmup_epochs: int = Field(4, ge=0)
     batch_size: int = Field(32, ge=1)  # per device; the global batch is batch_size x world size
     lr: float = Field(1e-3, gt=0)  # Adam learning rate, applied as is whatever the world size
+    # constant: lr throughout (reference); cosine: lr through the warm-up, then down to lr / 20 by the cycle's end
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     mean_weight: float = Field(0.0, ge=0)  # reference: 0.02 (weight of the per-pattern mean MSE)
     sum_weight: float = Field(0.0, ge=0)  # reference: 0.01 (weight of the per-pattern sum MSE)
     target: Literal["mix", "raw"] = "mix"  # what the network learns to predict in each cycle

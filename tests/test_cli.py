@@ -252,3 +252,18 @@ def test_five_by_five_window_trains_denoises_and_predicts(tmp_path, smoke_cube):
     assert relative_rmse(group["final"], truth) < 0.6 * relative_rmse(raw, truth)
     run_cli("predict", str(run), str(smoke_cube / "noisy"), str(tmp_path / "p.zarr"), "--quiet")
     np.testing.assert_allclose(zarr.open_array(str(tmp_path / "p.zarr"), mode="r")[...], net, rtol=1e-5, atol=1e-5)
+
+
+def test_cosine_lr_schedule_holds_through_the_warm_up_and_ends_at_the_floor(tmp_path, small_cube):
+    import torch
+
+    from stemdist.train.module import LR_FLOOR, cosine_factor
+
+    assert [cosine_factor(s, 10, 30) for s in (0, 9, 10)] == [1.0, 1.0, 1.0]
+    assert cosine_factor(20, 10, 30) == pytest.approx((1 + LR_FLOOR) / 2) and cosine_factor(30, 10, 30) == LR_FLOOR
+    run = tmp_path / "run"
+    run_cli("denoise", str(small_cube / "noisy"), "--out", str(run), *SMOKE, "--cycles", "1", "--epochs", "4",
+            "--set", "train.lr_schedule=cosine", "--set", "train.lr=0.002")
+    ckpt = torch.load(run / "checkpoints" / "cycle_01" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == ckpt["global_step"] > 0
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.002 * LR_FLOOR)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytorch_lightning as pl
 import torch
 
@@ -89,5 +91,23 @@ class Denoiser(pl.LightningModule):
             dataset.set_epoch(self.current_epoch)
         self.log("warmup", float(self.in_warmup()), on_step=False, on_epoch=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.train_cfg.lr)
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=self.train_cfg.lr)
+        if self.train_cfg.lr_schedule == "constant":
+            return opt
+        total = int(self.trainer.estimated_stepping_batches)
+        start = total * warmup_epochs(self.train_cfg) // max(self.trainer.max_epochs, 1)
+        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_factor(step, start, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+
+LR_FLOOR = 0.05  # the cosine schedule ends at this fraction of train.lr
+
+
+def cosine_factor(step: int, start: int, total: int) -> float:
+    """The learning rate's factor at optimiser ``step``: 1 until ``start`` (the warm-up), then a half cosine
+    down to :data:`LR_FLOOR` at ``total``."""
+    if step < start or total <= start:
+        return 1.0
+    t = min(1.0, (step - start) / (total - start))
+    return LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * t))
