@@ -28,7 +28,7 @@ import math
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 
 import dask.array as da
@@ -90,7 +90,6 @@ def detector_regions(shape: tuple[int, int], center: tuple[float, float], bf_rad
 DETAIL_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # scan widths tried for the detail's correction
 DETAIL_DETECTOR = (0.0, 1.0)  # detector widths tried for the detail's correction
 SAMPLE_CHUNKS = 12  # scan chunks whose every pixel scores the detail's candidates
-SHARE_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # scan widths tried for the network's shares
 
 
 @dataclass(frozen=True)
@@ -129,13 +128,13 @@ class RegionPlan:
         """Sums over each region, ``(h, w, n)``."""
         return np.tensordot(block, self.onehot, axes=([2, 3], [0, 1]))
 
-    def spread(self, den: np.ndarray, sigma: float | None = None) -> np.ndarray:
-        """The network's share of its region's total at every pixel, smoothed over the scan by ``sigma``
-        (default ``share_sigma``; sums to 1 over each region)."""
+    def spread(self, den: np.ndarray) -> np.ndarray:
+        """The network's share of its region's total at every pixel, smoothed over the scan by
+        ``share_sigma`` (sums to 1 over each region)."""
         lam = np.asarray(den, np.float32)
         tot = self.totals(lam)[..., self.labels]
         return scan_smooth(np.where(tot > 1e-12, lam / np.maximum(tot, 1e-12), self.shares.astype(np.float32)),
-                           self.share_sigma if sigma is None else sigma)
+                           self.share_sigma)
 
     def detail(self, raw: np.ndarray, share: np.ndarray, detector_sigma: float) -> np.ndarray:
         """The counts less their region totals spread by ``share``, smoothed over the detector, less what
@@ -265,7 +264,7 @@ def _split(raw_parts: np.ndarray, den_parts: np.ndarray, raw_whole: np.ndarray, 
     return fused, choices
 
 
-def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int = 1, share_sigma: float | None = 0.0,
+def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int = 1, share_sigma: float = 0.0,
                    sample_chunks: int = SAMPLE_CHUNKS, halo: int = 1) -> RegionPlan:
     """The :class:`RegionPlan` of ``raw`` (Zarr) and the network's ``den`` (Zarr or dask) for detector
     ``labels`` (``ring · sectors + sector``), top down: the whole pattern's total by SURE on the total-counts
@@ -301,11 +300,8 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
         sector_choices += chosen
     pixel_share = _shares(np.asarray(mean, np.float64), mean_totals[labels], 0.0)
     choices = {"total": (s1, s2, g, w), "rings": ring_choices, "sectors": sector_choices}
-    plan = RegionPlan(labels, pixel_share.astype(np.float32), (fused - den_img).astype(np.float32),
-                      share_sigma or 0.0, 0.0, 0.0, 0.0, choices)
-    if share_sigma is None:
-        share_sigma = _choose_shares(raw, den, plan, sample_chunks)
-        plan = replace(plan, share_sigma=share_sigma)
+    plan = RegionPlan(labels, pixel_share.astype(np.float32), (fused - den_img).astype(np.float32), share_sigma,
+                      0.0, 0.0, 0.0, choices)
     detail_sigma, detector_sigma, gain = _choose_detail(raw, den, plan, sample_chunks)
     return RegionPlan(plan.labels, plan.shares, plan.correction, share_sigma, detail_sigma, detector_sigma, gain,
                       plan.choices)
@@ -324,22 +320,6 @@ def _samples(raw, den, sample_chunks: int, halo: int):
         y = _region(raw, slice(ya, yb), slice(xa, xb)).astype(np.float32)
         lam = _region(den, slice(ya, yb), slice(xa, xb)).astype(np.float32)
         yield y, lam, (slice(y0 - ya, y1 - ya), slice(x0 - xa, x1 - xa)), (y0, y1, x0, x1), (ya, xa)
-
-
-def _choose_shares(raw, den, plan: RegionPlan, sample_chunks: int) -> float:
-    """The scan width of the network's shares (among :data:`SHARE_SIGMAS`) minimising SURE of
-    ``spread(den) · fused totals`` over every pixel of sampled chunks, the network's dependence on its
-    neighbours' counts left out (measured against the truth, taking it as their mean overstated it
-    by far more than the differences between widths)."""
-    halo = math.ceil(TRUNCATE * max(SHARE_SIGMAS))
-    risks = np.zeros(len(SHARE_SIGMAS))
-    for y, lam, inner, _, (ya, xa) in _samples(raw, den, sample_chunks, halo):
-        totals = np.maximum(plan.fused_totals(lam, ya, xa), 0)[inner][..., plan.labels]
-        yi, own = y[inner], plan.spread(lam, 0.0)
-        for i, s in enumerate(SHARE_SIGMAS):
-            share = scan_smooth(own, s)[inner]
-            risks[i] += float(((share * totals - yi) ** 2).sum(dtype=np.float64))
-    return float(SHARE_SIGMAS[int(np.argmin(risks))])
 
 
 def _choose_detail(raw, den, plan: RegionPlan, sample_chunks: int) -> tuple[float, float, float]:
