@@ -245,3 +245,19 @@ def test_fusion_risk_is_exact_for_the_network_alone_and_conservative_for_the_cor
     assert abs(est0.mean() - true0.mean()) < 4 * se + 0.02 * true0.mean()
     assert abs(np.mean(other) - true0.mean()) > 0.3 * true0.mean()  # the other window's weight is wrong
     assert np.mean(est[0.5]) > np.mean(true[0.5])  # the correction is never credited with more than it does
+
+
+def test_share_width_is_chosen_below_the_cap_exact_shares_unsmoothed_noisy_ones_smoothed(tmp_path):
+    """The network's shares within a region: kept as they are where they are exact (the disk moves across the
+    scan, so smoothing them blurs it), smoothed up to the cap where they are noise around a smooth truth."""
+    rng = np.random.default_rng(8)
+    raw_np, truth, halo, labels = disk_cube(rng, dose=200.0, shift_amp=3.0)
+    raw = write(tmp_path, "raw", raw_np, 8)
+    mean = truth.mean(axis=(0, 1))
+    exact = write(tmp_path, "exact", truth.astype(np.float32), 8)
+    assert fusion.choose_regions(raw, exact, labels, mean, sectors=4, share_sigma=2.0).share_sigma == 0.0
+    smooth = np.broadcast_to(mean, truth.shape)  # a scan-invariant truth, and a network whose shares are noise
+    raw_s = write(tmp_path, "raw_s", rng.poisson(smooth).astype(np.float32), 8)
+    noisy = write(tmp_path, "noisy", (smooth * rng.gamma(4.0, 0.25, smooth.shape)).astype(np.float32), 8)
+    assert fusion.choose_regions(raw_s, noisy, labels, mean, sectors=4, share_sigma=2.0).share_sigma == 2.0
+    assert fusion.choose_regions(raw_s, noisy, labels, mean, sectors=4, share_sigma=0.0).share_sigma == 0.0
