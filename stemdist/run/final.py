@@ -59,8 +59,9 @@ def fusion_plan(paths: RunPaths, config: Config, raw: zarr.Array, stack: da.Arra
     masks = find_masks(mean)
     labels = fusion.detector_regions(shape, masks.center, masks.bf_radius, sectors=config.output.fuse_sectors)
     share_sigma = sure_sigma(np.load(paths.raw_bf)) / 2
+    frame = config.model.halo if config.data.borders == "copy" else 0  # patterns copied through
     plan = fusion.choose_regions(raw, stack, labels, mean, config.output.fuse_sectors, share_sigma,
-                                 halo=config.model.halo)
+                                 halo=config.model.halo, frame=frame)
     return plan, f"chosen by SURE per detector region: {plan.summary()}"
 
 

@@ -266,7 +266,7 @@ def _split(raw_parts: np.ndarray, den_parts: np.ndarray, raw_whole: np.ndarray, 
 
 
 def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int = 1, share_sigma: float = 0.0,
-                   sample_chunks: int = SAMPLE_CHUNKS, halo: int = 1) -> RegionPlan:
+                   sample_chunks: int = SAMPLE_CHUNKS, halo: int = 1, frame: int = 0) -> RegionPlan:
     """The :class:`RegionPlan` of ``raw`` (Zarr) and the network's ``den`` (Zarr or dask) for detector
     ``labels`` (``ring · sectors + sector``), top down: the whole pattern's total by SURE on the total-counts
     images (:func:`stemdist.quality.sure.fusion_choice`), how it splits into rings, then how each ring
@@ -274,7 +274,9 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
     over every pixel of up to ``sample_chunks`` scan chunks for the detail within sectors. The network's
     shares are smoothed by at most ``share_sigma`` (:func:`_choose_shares`;
     :func:`stemdist.run.final.fusion_plan` caps it at half the raw bright-field image's SURE width).
-    ``halo``: the network's blind-spot window, as in ``model.halo``."""
+    ``halo``: the network's blind-spot window, as in ``model.halo``; ``frame``: positions at the scan's
+    edge whose "network" patterns are the counts copied through (``data.borders: copy``), left out of
+    the share width's score."""
     raw_img, den_img = region_images(raw, den, labels)
     n = raw_img.shape[-1]
     ring_of = np.arange(n) // sectors
@@ -303,7 +305,7 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
     choices = {"total": (s1, s2, g, w), "rings": ring_choices, "sectors": sector_choices}
     plan = RegionPlan(labels, pixel_share.astype(np.float32), (fused - den_img).astype(np.float32), 0.0,
                       0.0, 0.0, 0.0, choices)
-    share_sigma = _choose_shares(raw, den, plan, sample_chunks, share_sigma)
+    share_sigma = _choose_shares(raw, den, plan, sample_chunks, share_sigma, frame)
     plan = replace(plan, share_sigma=share_sigma)
     detail_sigma, detector_sigma, gain = _choose_detail(raw, den, plan, sample_chunks)
     return RegionPlan(plan.labels, plan.shares, plan.correction, share_sigma, detail_sigma, detector_sigma, gain,
@@ -325,22 +327,27 @@ def _samples(raw, den, sample_chunks: int, halo: int):
         yield y, lam, (slice(y0 - ya, y1 - ya), slice(x0 - xa, x1 - xa)), (y0, y1, x0, x1), (ya, xa)
 
 
-def _choose_shares(raw, den, plan: RegionPlan, sample_chunks: int, cap: float) -> float:
+def _choose_shares(raw, den, plan: RegionPlan, sample_chunks: int, cap: float, frame: int = 0) -> float:
     """The scan width of the network's shares, at most ``cap``: the one among :data:`SHARE_SIGMAS` below
     ``cap``, and ``cap``, minimising SURE of ``spread(den) · fused totals`` over every pixel of sampled
     chunks, the network's dependence on its neighbours' counts left out. That favours wider smoothing than
     the truth would, hence the cap; both alone were measured worse: the cap alone (half the raw bright-field
     SURE width) smoothed Si [110]'s good shares over 2 positions (-2.4 dB at dose 100), SURE alone chose 1
-    where MoS2's noisy shares wanted 4."""
+    where MoS2's noisy shares wanted 4. Positions within ``frame`` of the scan's edge are not scored."""
     widths = sorted({s for s in SHARE_SIGMAS if s < cap} | {float(cap)})
     if len(widths) == 1:
         return widths[0]
     risks = np.zeros(len(widths))
-    for y, lam, inner, _, (ya, xa) in _samples(raw, den, sample_chunks, math.ceil(TRUNCATE * max(widths))):
+    H, W = raw.shape[:2]
+    for y, lam, inner, (y0, y1, x0, x1), (ya, xa) in _samples(raw, den, sample_chunks,
+                                                              math.ceil(TRUNCATE * max(widths))):
         totals = np.maximum(plan.fused_totals(lam, ya, xa), 0)[inner][..., plan.labels]
         yi, own = y[inner], plan.spread(lam)  # plan.share_sigma is 0 here: the shares as they are
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        scored = ((yy >= frame) & (yy < H - frame) & (xx >= frame) & (xx < W - frame))[..., None, None]
         for i, s in enumerate(widths):
-            risks[i] += float(((scan_smooth(own, s)[inner] * totals - yi) ** 2).sum(dtype=np.float64))
+            err = (scan_smooth(own, s)[inner] * totals - yi) ** 2
+            risks[i] += float((err * scored).sum(dtype=np.float64))
     return float(widths[int(np.argmin(risks))])
 
 
