@@ -305,11 +305,9 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
     choices = {"total": (s1, s2, g, w), "rings": ring_choices, "sectors": sector_choices}
     plan = RegionPlan(labels, pixel_share.astype(np.float32), (fused - den_img).astype(np.float32), 0.0,
                       0.0, 0.0, 0.0, choices)
-    share_sigma = _choose_shares(raw, den, plan, sample_chunks, share_sigma, frame)
-    plan = replace(plan, share_sigma=share_sigma)
+    plan = replace(plan, share_sigma=_choose_shares(raw, den, plan, sample_chunks, share_sigma, frame))
     detail_sigma, detector_sigma, gain = _choose_detail(raw, den, plan, sample_chunks)
-    return RegionPlan(plan.labels, plan.shares, plan.correction, share_sigma, detail_sigma, detector_sigma, gain,
-                      plan.choices)
+    return replace(plan, detail_sigma=detail_sigma, detector_sigma=detector_sigma, detail_gain=gain)
 
 
 def _samples(raw, den, sample_chunks: int, halo: int):
@@ -330,10 +328,11 @@ def _samples(raw, den, sample_chunks: int, halo: int):
 def _choose_shares(raw, den, plan: RegionPlan, sample_chunks: int, cap: float, frame: int = 0) -> float:
     """The scan width of the network's shares, at most ``cap``: the one among :data:`SHARE_SIGMAS` below
     ``cap``, and ``cap``, minimising SURE of ``spread(den) · fused totals`` over every pixel of sampled
-    chunks, the network's dependence on its neighbours' counts left out. That favours wider smoothing than
-    the truth would, hence the cap; both alone were measured worse: the cap alone (half the raw bright-field
-    SURE width) smoothed Si [110]'s good shares over 2 positions (-2.4 dB at dose 100), SURE alone chose 1
-    where MoS2's noisy shares wanted 4. Positions within ``frame`` of the scan's edge are not scored."""
+    chunks, the network's dependence on its neighbours' counts left out. Each alone was measured worse: the
+    cap alone (half the raw bright-field SURE width) smoothed Si [110]'s good shares over 2 positions
+    (-2.4 dB at dose 100); SURE alone chose 1 on SrTiO3 where 0.5 (under the cap) was best, and 1 where
+    MoS2's noisy shares wanted 4 (the cap, 2, came closer). Positions within ``frame`` of the scan's edge
+    are not scored."""
     widths = sorted({s for s in SHARE_SIGMAS if s < cap} | {float(cap)})
     if len(widths) == 1:
         return widths[0]
