@@ -26,8 +26,10 @@ def test_evaluate_cli_writes_metrics_and_every_figure(smoke_run):
     assert "final" in proc.stdout and "gaussian_sure" in proc.stdout
     assert "final vs the best baseline for each column (goals: >= +3 dB, <= 0.8x): PSNR" in proc.stdout
     assert "final is as good as raw data at N x the dose: PSNR" in proc.stdout
+    assert "the truth's neighbour mean (a blind-spot network's reference" in proc.stdout
     report = smoke_run / "report"
     m = json.loads((report / "metrics.json").read_text())
+    assert 0 < m["blind_spot"]["adf_contrast"] < 1 and 0 < m["blind_spot"]["bf_err"] < 1
     assert m["against"] == "truth"  # found beside the synth cube's noisy array
     ladder = {"gaussian_0.5", "gaussian_1", "gaussian_1.5", "gaussian_2", "gaussian_3", "gaussian_sure",
               "neighbours", "pca", "pca_gaussian"}
@@ -106,3 +108,22 @@ def test_bench_quality_smoke(tmp_path):
     assert set(data["doses"]["100.0"]["methods"]) >= {"raw", "final", "gaussian_1", "gaussian_sure", "neighbours",
                                                      "pca", "pca_gaussian"}
     assert set(data["doses"]["100.0"]["best_baselines"]) == {"psnr", "bf_err", "adf_err", "com_y_err", "com_x_err"}
+
+
+def test_bench_quality_seeds_report_the_spread_and_count_a_pair_only_if_every_seed_meets_it(tmp_path):
+    proc = run_cli("bench", "quality", "--smoke", "--seeds", "2", "--out", str(tmp_path / "q"),
+                   "--json", str(tmp_path / "q.json"))
+    data = json.loads((tmp_path / "q.json").read_text())["doses"]
+    assert set(data) == {"100 seed 0", "100 seed 1"} and [r["seed"] for r in data.values()] == [0, 1]
+    assert (tmp_path / "q" / "dose100" / "run-seed0").is_dir() and (tmp_path / "q" / "dose100" / "run-seed1").is_dir()
+    nets = [r["methods"]["cycle_01"]["psnr"] for r in data.values()]
+    assert nets[0] != nets[1]  # two trainings, not one run reported twice
+    assert "spread over seeds 0, 1" in proc.stdout
+    lo, hi = sorted(r["best_baselines"]["psnr"]["delta_db"] for r in data.values())
+    assert f"| {lo:+.2f} .. {hi:+.2f}" in proc.stdout
+    met = [c for c in ("psnr", "bf_err", "adf_err", "com_y_err", "com_x_err")
+           if all((r["best_baselines"][c]["delta_db"] >= 3) if c == "psnr" else (r["best_baselines"][c]["ratio"] <= 0.8)
+                  for r in data.values())]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "by every seed on " in last and last.endswith(f"(100: {', '.join(met) or 'none'})")
+    assert f"on {len(met)} of 5 (dose, column) pairs" in last

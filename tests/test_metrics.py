@@ -133,3 +133,23 @@ def test_bias_figures_say_half_the_counts_and_a_flattened_contrast():
         assert m["truth"][f"{k}_mean"] == pytest.approx(1.0) and m["truth"][f"{k}_contrast"] == pytest.approx(1.0)
         assert m["half"][f"{k}_mean"] == pytest.approx(0.5) and m["half"][f"{k}_contrast"] == pytest.approx(0.5)
         assert m["flat"][f"{k}_mean"] == pytest.approx(1.0) and m["flat"][f"{k}_contrast"] < 1e-6
+
+
+def test_blind_spot_reference_by_hand():
+    tv = np.zeros((3, 3, 4))
+    tv[1, 1, 0] = 8.0  # BF: one bright position, which its neighbours see and itself never
+    tv[..., 1] = np.arange(3.0)[None, :]  # ADF: a ramp along x
+    ref = metrics.blind_spot_reference(tv, halo=1)
+    # mirrored edges (numpy's reflect, never the centre): an edge position sees the centre 2 times of 8 (2),
+    # a corner 4 times (4), the centre none
+    nb_bf = np.array([[4.0, 2.0, 4.0], [2.0, 0.0, 2.0], [4.0, 2.0, 4.0]])
+    t = tv[..., 0]
+    assert ref["bf_contrast"] == pytest.approx(nb_bf.std() / t.std())
+    assert ref["bf_err"] == pytest.approx(np.linalg.norm(nb_bf - t) / np.linalg.norm(t - t.mean()))
+    # column 0: 3 x column 1 (1) + 2 x itself (0) + 3 x column 1 mirrored (1) -> 6 / 8; column 2 -> 10 / 8
+    nb_adf = np.tile([0.75, 1.0, 1.25], (3, 1))
+    ramp = tv[..., 1]
+    assert ref["adf_contrast"] == pytest.approx(0.25)
+    assert ref["adf_err"] == pytest.approx(np.linalg.norm(nb_adf - ramp) / np.linalg.norm(ramp - ramp.mean()))
+    wide = metrics.blind_spot_reference(np.repeat(np.repeat(tv, 3, 0), 3, 1), halo=2)
+    assert 0 < wide["bf_contrast"] < 1 and np.isfinite(wide["adf_err"])

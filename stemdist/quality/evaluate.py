@@ -22,7 +22,7 @@ from ..layout import FINAL, RunPaths, cycle_number, is_complete
 from . import baselines as bl
 from . import figures as fig
 from . import sure
-from .metrics import DEFINITIONS, Masks, evaluate_cubes, find_masks, mean_pattern
+from .metrics import DEFINITIONS, Masks, blind_spot_reference, evaluate_cubes, find_masks, mean_pattern
 from .metrics import virtual_images_lazy as lazy_virtual
 
 COLUMNS = ("psnr", "psnr_interior", "ssim", "rel_rmse", "bf_err", "adf_err", "com_y_err", "com_x_err")
@@ -92,6 +92,15 @@ def estimates(paths: RunPaths, raw: zarr.Array) -> dict[str, zarr.Array]:
     return out
 
 
+def _halo(paths: RunPaths) -> int:
+    """The run's blind-spot halo (``model.window // 2``; 1 for runs without a saved configuration)."""
+    if not paths.config.exists():
+        return 1
+    from ..config import load
+
+    return load(paths.config).model.halo
+
+
 def evaluate(run_dir: str | Path, truth: str | Path | None = None, reference: str | Path | None = None, *,
              with_baselines: bool = False, truth_dataset: str | None = None, truth_scale: float = 1.0,
              reference_dataset: str | None = None, sigmas=bl.SIGMAS, pca_rank: int = 8,
@@ -143,6 +152,7 @@ def evaluate(run_dir: str | Path, truth: str | Path | None = None, reference: st
         result["methods"] = metrics
         result["best_baselines"] = best_baselines(metrics) if with_baselines else None
         result["dose_gain"] = dose_gains(metrics)
+        result["blind_spot"] = blind_spot_reference(tv, _halo(paths))
         truth_name = "truth" if against == "truth" else "high-dose reference (scaled)"
         images = {**virtual, truth_name: tv}
     else:
@@ -197,6 +207,11 @@ def summary_lines(result: dict, name: str = "final") -> list[str]:
             for m in ("raw", "cycle_01", name) if m in methods and "bf_mean" in methods[m]]
     if bias:
         lines.append("bias against the truth (1 = right; cycle_01 is the network alone): " + "; ".join(bias))
+    ref = result.get("blind_spot")
+    if ref:
+        lines.append(f"the truth's neighbour mean (a blind-spot network's reference: it never sees the centre): "
+                     f"BF contrast {ref['bf_contrast']:.2f}x, error {ref['bf_err']:.3f}; ADF contrast "
+                     f"{ref['adf_contrast']:.2f}x, error {ref['adf_err']:.3f}")
     gain = (result.get("dose_gain") or {}).get(name)
     if gain:
         lines.append(f"{name} is as good as raw data at N x the dose: "

@@ -244,6 +244,24 @@ def summarise(stats: np.ndarray, truth_virtual: np.ndarray, data_range: float, n
     return out
 
 
+def blind_spot_reference(truth_virtual: np.ndarray, halo: int = 1) -> dict[str, float]:
+    """What averaging the neighbours' *true* patterns gives — a blind-spot network's reference, since it
+    never sees the centre: the BF and ADF images of the truth's neighbour mean over the window (``2 halo + 1``
+    square, mirrored at the scan's edges as the data path), as contrast (std / the truth's) and error
+    (relative to the truth's contrast). A network below these contrasts is short of what its input holds."""
+    w = 2 * halo + 1
+    kernel = np.ones((w, w))
+    kernel[halo, halo] = 0
+    kernel /= kernel.sum()
+    out = {}
+    for i, name in enumerate(VIRTUAL[:2]):
+        t = np.asarray(truth_virtual[..., i], np.float64)
+        nb = ndimage.convolve(t, kernel, mode="mirror")
+        out[f"{name}_contrast"] = float(nb.std() / t.std()) if t.std() else float("nan")
+        out[f"{name}_err"] = relative_image_error(nb, t)
+    return out
+
+
 def evaluate_cubes(estimates: dict[str, object], truth, masks: Masks, data_range: float | None = None
                    ) -> tuple[dict[str, dict], dict[str, np.ndarray], np.ndarray, float]:
     """Metrics of several estimates against one truth in a single streamed pass.
