@@ -56,6 +56,9 @@ class TrainConfig(Section):
     lr: float = Field(1e-3, gt=0)  # Adam learning rate, applied as is whatever the world size
     # constant: lr throughout (reference); cosine: lr through the warm-up, then down to lr / 20 by the cycle's end
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    # the network used is an exponential moving average of the Poisson phase's weights with this decay per
+    # optimiser step (0: the last step's weights, the reference)
+    ema: float = Field(0.0, ge=0, lt=1)
     mean_weight: float = Field(0.0, ge=0)  # reference: 0.02 (weight of the per-pattern mean MSE)
     sum_weight: float = Field(0.0, ge=0)  # reference: 0.01 (weight of the per-pattern sum MSE)
     target: Literal["mix", "raw"] = "mix"  # what the network learns to predict in each cycle

@@ -219,3 +219,26 @@ def test_predict_refuses_an_incomplete_cube(npy_input, uninterrupted, tmp_path):
                    check=False)
     one_line_error(proc, "incomplete")
     assert not (tmp_path / "p.zarr").exists()
+
+
+def test_weight_average_is_the_network_used_and_survives_kill_9(npy_input, tmp_path):
+    """train.ema: the cycle's weights are Lightning's moving average (kept in the checkpoint beside the last
+    step's), and a run killed mid-cycle resumes to the same cube."""
+    import torch
+
+    ema = [*SMOKE, "--cycles", "1", "--epochs", "3", "--set", "data.tile=4", "--set", "train.ema=0.7"]
+    whole = tmp_path / "whole"
+    run_cli("denoise", str(npy_input), "--out", str(whole), *ema)
+    ckpt = torch.load(whole / "checkpoints" / "cycle_01" / "last.ckpt", map_location="cpu", weights_only=False)
+    average = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    last = {k.removeprefix("net."): v for k, v in ckpt["current_model_state"].items() if k.startswith("net.")}
+    used = torch.load(whole / "weights" / "cycle_01.pt", map_location="cpu")
+    assert used.keys() == average.keys() and all(torch.equal(used[k], average[k]) for k in used)
+    assert not all(torch.allclose(used[k], last[k]) for k in used)  # the average, not the last step
+    assert ckpt["averaging_state"]["n_averaged"].item() == ckpt["global_step"] - ckpt["global_step"] // 3
+    run = tmp_path / "run"
+    killed = run_cli("denoise", str(npy_input), "--out", str(run), *ema, env={"STEMDIST_FAULT": "train:1:1"},
+                     check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_cli("denoise", str(npy_input), "--out", str(run), *ema, "--resume")
+    np.testing.assert_allclose(final_of(run), final_of(whole), rtol=1e-4, atol=1e-4)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
@@ -111,8 +111,18 @@ def loggers(paths: RunPaths, cycle: int) -> list:
     return out
 
 
+def averaging(config: Config, steps_per_epoch: int) -> list[Callback]:
+    """``train.ema``: Lightning's moving average of the weights, from the first Poisson step on (the warm-up's
+    weights predict z-scores, not counts); checkpoints hold both, and the average replaces the weights when
+    the cycle's training ends."""
+    if not config.train.ema:
+        return []
+    return [EMAWeightAveraging(decay=config.train.ema, use_buffers=True,
+                               update_starting_at_step=warmup_epochs(config.train) * steps_per_epoch)]
+
+
 def trainer(config: Config, ranks: Ranks, paths: RunPaths, cycle: int, accelerator: str,
-            precision: str) -> pl.Trainer:
+            precision: str, steps_per_epoch: int = 0) -> pl.Trainer:
     """Lightning's Trainer for one cycle (DDP over the ranks when there are several)."""
     console.quiet_libraries()
     devices, num_nodes = (ranks.local_world_size, ranks.num_nodes) if ranks.world_size > 1 else (1, 1)
@@ -132,6 +142,7 @@ def trainer(config: Config, ranks: Ranks, paths: RunPaths, cycle: int, accelerat
             ModelCheckpoint(dirpath=paths.checkpoints(cycle), filename="last", monitor=None, save_top_k=1,
                             every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False),
             LossLog(paths.losses, cycle),
+            *averaging(config, steps_per_epoch),
         ],
         use_distributed_sampler=False,
         enable_progress_bar=console.enabled(),
@@ -178,7 +189,7 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
         warnings.filterwarnings("ignore", ".*IterableDataset.*__len__.*")
         batches = loader(dataset, config, lambda: module.device, pin_memory=accelerator == "gpu")
         try:
-            trainer(config, ranks, paths, cycle, accelerator, precision).fit(
+            trainer(config, ranks, paths, cycle, accelerator, precision, len(dataset)).fit(
                 module, train_dataloaders=batches, ckpt_path=str(ckpt) if ckpt.exists() else None)
         finally:
             batches.close()
