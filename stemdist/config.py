@@ -63,8 +63,6 @@ class TrainConfig(Section):
     sum_weight: float = Field(0.0, ge=0)  # reference: 0.01 (weight of the per-pattern sum MSE)
     target: Literal["mix", "raw"] = "mix"  # what the network learns to predict in each cycle
     relative_weight: float = Field(0.0, ge=0, le=1)  # Poisson loss per pixel x (mean / pixel's mean) ** this
-    # weight of a Poisson term on detector-region totals (fusion's rings x sectors), each relative to its mean
-    region_weight: float = Field(0.0, ge=0)
     match_counts: bool = True  # scale the output to the targets' counts before the first Poisson step (ref: off)
     seed: int = 0
 

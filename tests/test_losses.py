@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from stemdist.train.losses import pixel_weights, poisson_loss, poisson_nll, region_loss, warmup_loss, znorm
+from stemdist.train.losses import pixel_weights, poisson_loss, poisson_nll, warmup_loss, znorm
 from stemdist.train.model import UNet
 
 
@@ -81,38 +81,3 @@ def test_mean_exp_head_starts_at_the_mean_pattern_and_keeps_it_with_the_weights(
         assert "set_mean_pattern" in str(exc)
     else:
         raise AssertionError("a mean_exp network without its mean pattern must refuse to run")
-
-
-def test_region_loss_is_the_relative_poisson_deviance_of_region_totals():
-    onehot = torch.tensor([[[0.5, 0.5], [0.0, 0.0]], [[0.0, 0.0], [0.1, 0.1]]])  # mean totals 2 and 10
-    pred = torch.tensor([[[[1.0, 2.0], [4.0, 6.0]]]])  # totals 3 and 10
-    target = torch.tensor([[[[0.0, 1.0], [5.0, 7.0]]]])  # totals 1 and 12
-    dev = [(3 - 1 + 1 * math.log(1 / 3)) / 2, (10 - 12 + 12 * math.log(12 / 10)) / 10]
-    assert math.isclose(region_loss(pred, target, onehot).item(), sum(dev) / 2, rel_tol=1e-5)
-    assert region_loss(target, target, onehot).item() < 1e-7  # zero at the counts, empty totals included
-    assert math.isclose(region_loss(pred, torch.zeros_like(target), onehot).item(), (3 / 2 + 10 / 10) / 2,
-                        rel_tol=1e-6)
-    # its minimiser over a batch is the mean totals: the gradient vanishes at the counts' mean
-    counts = torch.tensor([[[[3.0, 1.0], [0.0, 2.0]]], [[[5.0, 1.0], [1.0, 0.0]]]])
-    best = counts.mean(0, keepdim=True).clone().requires_grad_(True)
-    region_loss(best.expand_as(counts), counts, onehot).backward()
-    assert best.grad.abs().max().item() < 1e-6
-
-
-def test_region_weights_come_from_the_mean_pattern_and_count_each_region_alike():
-    from stemdist.config import ModelConfig, TrainConfig
-    from stemdist.train.module import Denoiser
-
-    module = Denoiser(ModelConfig(base_width=4, depth=2), TrainConfig(region_weight=1.0))
-    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
-    r = torch.hypot(yy - 15.5, xx - 15.5)
-    mean = torch.where(r < 6, 10.0, 0.2 * torch.exp(-r / 8))  # a disk and a faint dark-field tail
-    module.net.set_mean_pattern(mean)
-    onehot = module.region_onehot()
-    assert onehot.shape[1:] == (32, 32) and onehot.shape[0] >= 8  # rings x 4 sectors (empty ones dropped)
-    totals = (onehot * module.net.mean_pattern).flatten(1).sum(1)
-    assert torch.allclose(totals, torch.ones_like(totals), rtol=1e-5)  # each region's mean total is 1
-    assert ((onehot > 0).sum(0) <= 1).all() and ((onehot > 0).sum(0) == 1).all()  # a partition of the detector
-    x, y = torch.rand(4, 8, 32, 32), torch.poisson(mean.expand(4, 1, 32, 32))
-    loss = region_loss(module(x).float(), y, onehot)
-    assert torch.isfinite(loss) and loss.item() > 0

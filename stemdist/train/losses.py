@@ -1,5 +1,4 @@
-"""The reference's losses (z-normalised MSE warm-up, then Poisson NLL with optional mean/sum terms) and
-stemdist's optional Poisson term on detector-region totals."""
+"""The reference's losses: z-normalised MSE warm-up, then Poisson NLL with optional mean/sum terms."""
 
 from __future__ import annotations
 
@@ -44,18 +43,3 @@ def poisson_loss(pred: torch.Tensor, target: torch.Tensor, mean_weight: float = 
     if sum_weight:
         loss = loss + sum_weight * F.mse_loss(pred.sum(dims), target.sum(dims))
     return loss
-
-
-def region_loss(pred: torch.Tensor, target: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-    """Poisson deviance of each pattern's detector-region totals, relative to the region's mean total.
-
-    ``onehot`` (R, P, Q) holds each region's pixels times ``1 / its mean total`` in the data, so every
-    region counts alike whatever its counts: a dark-field ring whose pixels see a count in a hundred
-    patterns weighs as much as the bright-field disk. Its minimiser is the expected totals, as the pixel
-    loss's is; it gives the network a low-noise signal for what virtual images are made of.
-    """
-    scale = onehot.flatten(1).amax(1)  # 1 / mean total per region
-    rate = torch.einsum("...pq,rpq->...r", pred, onehot).clamp(min=1e-8 * scale)
-    counts = torch.einsum("...pq,rpq->...r", target.to(pred.dtype), onehot)
-    log_ratio = torch.where(counts > 0, torch.log(counts.clamp(min=1e-12) / rate), torch.zeros_like(rate))
-    return (rate - counts + counts * log_ratio).mean()

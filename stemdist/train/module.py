@@ -9,9 +9,7 @@ import torch
 
 from ..config import ModelConfig, TrainConfig
 from ..data.tiles import neighbour_offsets
-from ..quality.metrics import find_masks
-from ..run.fusion import detector_regions
-from .losses import pixel_weights, poisson_loss, region_loss, warmup_loss
+from .losses import pixel_weights, poisson_loss, warmup_loss
 from .model import UNet
 
 
@@ -55,27 +53,9 @@ class Denoiser(pl.LightningModule):
             if self.train_cfg.relative_weight:
                 weight = pixel_weights(self.net.mean_pattern, self.train_cfg.relative_weight)
             loss = poisson_loss(pred, y, self.train_cfg.mean_weight, self.train_cfg.sum_weight, weight)
-            if self.train_cfg.region_weight:
-                loss = loss + self.train_cfg.region_weight * region_loss(pred, y, self.region_onehot())
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
                  batch_size=len(x))
         return loss
-
-    @torch.no_grad()
-    def region_onehot(self) -> torch.Tensor:
-        """The fusion's detector regions (rings x sectors of the data's mean pattern), each region's pixels
-        weighted by 1 / its mean total; made once from the network's mean pattern."""
-        if getattr(self, "_regions", None) is None:
-            mean = self.net.mean_pattern.double().cpu().numpy()
-            if mean.shape == (1, 1):
-                raise ValueError("train.region_weight needs the data's mean pattern: set_mean_pattern first")
-            masks = find_masks(mean)
-            labels = torch.as_tensor(detector_regions(mean.shape, masks.center, masks.bf_radius))
-            onehot = torch.stack([(labels == r).double() for r in range(int(labels.max()) + 1)])
-            totals = (onehot * torch.as_tensor(mean)).flatten(1).sum(1, keepdim=True)
-            onehot = onehot[totals[:, 0] > 0] / totals[totals[:, 0] > 0, :, None]
-            self._regions = onehot.float().to(self.net.mean_pattern.device)
-        return self._regions
 
     @torch.no_grad()
     def match_counts(self, x: torch.Tensor, y: torch.Tensor) -> None:
