@@ -158,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
     from ..config import load
     from ..quality.evaluate import evaluate, summary_lines
 
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
     if args.threads:
         torch.set_num_threads(args.threads)
     config_name, over = overrides(args)
@@ -165,8 +167,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"protocol: {protocol(config_name, over)}")
     print(f"baselines: scan Gaussians sigma 0.5/1/1.5/2/3 and at the SURE width, mean of the 8 neighbours, "
           f"PCA rank {args.pca_rank}, PCA then the SURE-width Gaussian; the bar is the best of them per column")
-    if args.seeds < 1:
-        raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
     seed0 = load(config_name, over).train.seed
     seeds = [seed0 + k for k in range(args.seeds)]
     results = {}

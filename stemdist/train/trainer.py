@@ -122,7 +122,7 @@ def averaging(config: Config, steps_per_epoch: int) -> list[Callback]:
 
 
 def trainer(config: Config, ranks: Ranks, paths: RunPaths, cycle: int, accelerator: str,
-            precision: str, steps_per_epoch: int = 0) -> pl.Trainer:
+            precision: str, steps_per_epoch: int) -> pl.Trainer:
     """Lightning's Trainer for one cycle (DDP over the ranks when there are several)."""
     console.quiet_libraries()
     devices, num_nodes = (ranks.local_world_size, ranks.num_nodes) if ranks.world_size > 1 else (1, 1)
