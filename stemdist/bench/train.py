@@ -105,7 +105,7 @@ def _one(path, workers: int, args, root) -> dict:
     run_dir = root / f"run-w{workers}"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
-        tr = trainer(conf, Ranks(), RunPaths(run_dir), 2, hardware.accelerator(conf), hardware.precision(conf))
+        tr = trainer(conf, Ranks(), RunPaths(run_dir), 2, hardware.accelerator(conf), hardware.precision(conf), len(ds))
         tr.callbacks.append(EpochEnd(timed))
         try:
             tr.fit(module, train_dataloaders=timed)
