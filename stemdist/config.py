@@ -59,6 +59,8 @@ class TrainConfig(Section):
     # the network used is an exponential moving average of the Poisson phase's weights with this decay per
     # optimiser step (0: the last step's weights, the reference)
     ema: float = Field(0.0, ge=0, lt=1)
+    # clip each step's gradient to this global norm (Lightning's gradient_clip_val; 0: no clipping)
+    grad_clip: float = Field(0.0, ge=0)
     mean_weight: float = Field(0.0, ge=0)  # reference: 0.02 (weight of the per-pattern mean MSE)
     sum_weight: float = Field(0.0, ge=0)  # reference: 0.01 (weight of the per-pattern sum MSE)
     target: Literal["mix", "raw"] = "mix"  # what the network learns to predict in each cycle

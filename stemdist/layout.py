@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import math
 import os
 import socket
 import time
@@ -25,7 +26,7 @@ CONFIG = "config.yaml"
 REPORT = "report"
 LOSSES = "losses.csv"
 LEFTOVERS = {"input.zarr", "input.zarr.partial", REPORT, ".lock", CONFIG, DENOISED}  # an interrupted set-up
-LOSS_COLUMNS = ("cycle", "epoch", "phase", "loss", "seconds")
+LOSS_COLUMNS = ("cycle", "epoch", "phase", "loss", "seconds", "grad_norm")
 COMPLETE = "complete"  # attribute set on an array once every chunk of it is written
 
 
@@ -165,7 +166,8 @@ def append_loss(path: Path, row: dict[str, Any]) -> None:
 
 
 def read_losses(root: str | Path) -> list[dict]:
-    """Epoch losses of every cycle, one dict per (cycle, epoch): cycle, epoch, phase, loss, seconds.
+    """Epoch losses of every cycle, one dict per (cycle, epoch): cycle, epoch, phase, loss, seconds, grad_norm
+    (the epoch's largest gradient norm before clipping; NaN where not logged).
 
     From ``logs/losses.csv`` (a resumed epoch replaces the earlier row), or for runs of earlier versions
     from Lightning's ``logs/cycle_XX/[resumed_N/]metrics.csv``.
@@ -177,7 +179,8 @@ def read_losses(root: str | Path) -> list[dict]:
             for row in csv.DictReader(fh):
                 c, e = int(row["cycle"]), int(row["epoch"])
                 found[(c, e)] = {"cycle": c, "epoch": e, "phase": row.get("phase") or "poisson",
-                                 "loss": float(row["loss"]), "seconds": float(row.get("seconds") or 0.0)}
+                                 "loss": float(row["loss"]), "seconds": float(row.get("seconds") or 0.0),
+                                 "grad_norm": float(row.get("grad_norm") or "nan")}
         return [found[k] for k in sorted(found)]
     for csv_path in sorted(paths.logs.glob("cycle_*/**/metrics.csv")):
         cycle = cycle_number(csv_path.relative_to(paths.logs).parts[0])
@@ -187,7 +190,7 @@ def read_losses(root: str | Path) -> list[dict]:
                     e = int(float(row["epoch"]))
                     warm = bool(float(row["warmup"])) if row.get("warmup") else False
                     found[(cycle, e)] = {"cycle": cycle, "epoch": e, "phase": "warmup" if warm else "poisson",
-                                         "loss": float(row["loss_epoch"]), "seconds": 0.0}
+                                         "loss": float(row["loss_epoch"]), "seconds": 0.0, "grad_norm": math.nan}
     return [found[k] for k in sorted(found)]
 
 

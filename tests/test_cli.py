@@ -267,3 +267,22 @@ def test_cosine_lr_schedule_holds_through_the_warm_up_and_ends_at_the_floor(tmp_
     ckpt = torch.load(run / "checkpoints" / "cycle_01" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["lr_schedulers"][0]["last_epoch"] == ckpt["global_step"] > 0
     assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.002 * LR_FLOOR)
+
+
+def test_grad_clip_reaches_the_trainer_and_the_loss_log_holds_each_epochs_largest_gradient_norm(tmp_path, small_cube):
+    from stemdist.config import load
+    from stemdist.layout import RunPaths, read_losses
+    from stemdist.run.ranks import Ranks
+    from stemdist.train.trainer import trainer
+
+    run = tmp_path / "run"
+    run_cli("denoise", str(small_cube / "noisy"), "--out", str(run), *SMOKE, "--set", "train.cycles=1",
+            "--set", "train.grad_clip=0.5")
+    rows = read_losses(run)
+    assert rows and all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
+    config = load(run / "config.yaml")
+    assert config.train.grad_clip == 0.5
+    t = trainer(config, Ranks(), RunPaths(tmp_path / "other"), 1, "cpu", "32-true", steps_per_epoch=1)
+    assert (t.gradient_clip_val, t.gradient_clip_algorithm) == (0.5, "norm")
+    off = trainer(load(None), Ranks(), RunPaths(tmp_path / "other"), 1, "cpu", "32-true", steps_per_epoch=1)
+    assert off.gradient_clip_val is None

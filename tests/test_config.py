@@ -42,6 +42,7 @@ def test_overrides_are_typed():
     (["model.head=softplus"], "model.head must be one of square, mean_exp"),
     (["train.relative_weight=2"], "train.relative_weight must be <= 1"),
     (["train.min_samples=-5"], "train.min_samples must be >= 0"),
+    (["train.grad_clip=-1"], "train.grad_clip must be >= 0"),
 ])
 def test_bad_values_name_the_key(pairs, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):

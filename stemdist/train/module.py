@@ -57,6 +57,12 @@ class Denoiser(pl.LightningModule):
                  batch_size=len(x))
         return loss
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the gradient's global norm before any clipping (``grad_norm``: the epoch's largest)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        self.log("grad_norm", norm, on_step=False, on_epoch=True, reduce_fx="max", sync_dist=True)
+
     @torch.no_grad()
     def match_counts(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Put the output in counts before the first Poisson step: scale the head so the batch's mean

@@ -92,7 +92,8 @@ class LossLog(Callback):
         append_loss(self.path, {"cycle": self.cycle, "epoch": trainer.current_epoch,
                                 "phase": "warmup" if module.in_warmup() else "poisson",
                                 "loss": f"{float(trainer.callback_metrics['loss_epoch']):.6g}",
-                                "seconds": f"{time.perf_counter() - self.t0:.3f}"})
+                                "seconds": f"{time.perf_counter() - self.t0:.3f}",
+                                "grad_norm": f"{float(trainer.callback_metrics.get('grad_norm', math.nan)):.4g}"})
 
 
 def loggers(paths: RunPaths, cycle: int) -> list:
@@ -136,6 +137,8 @@ def trainer(config: Config, ranks: Ranks, paths: RunPaths, cycle: int, accelerat
         strategy=strategy,
         precision=precision,
         max_epochs=config.train.epochs,
+        gradient_clip_val=config.train.grad_clip or None,
+        gradient_clip_algorithm="norm",
         logger=loggers(paths, cycle),
         callbacks=[
             # one checkpoint, overwritten every epoch: what --resume continues from
