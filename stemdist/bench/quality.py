@@ -165,8 +165,9 @@ def run(args: argparse.Namespace) -> int:
     config_name, over = overrides(args)
     out = args.out or Path(tempfile.mkdtemp(prefix="stemdist-quality-"))
     print(f"protocol: {protocol(config_name, over)}")
-    print(f"baselines: scan Gaussians sigma 0.5/1/1.5/2/3 and at the SURE width, mean of the 8 neighbours, "
-          f"PCA rank {args.pca_rank}, PCA then the SURE-width Gaussian; the bar is the best of them per column")
+    print(f"baselines: scan Gaussians sigma 0.5/1/1.5/2/3 and at the SURE width, the mean pattern, mean of the 8 "
+          f"neighbours, PCA rank {args.pca_rank}, PCA then the SURE-width Gaussian, the mean pattern fused with the "
+          "raw counts by SURE per detector region; the bar is the best of them per column")
     seed0 = load(config_name, over).train.seed
     seeds = [seed0 + k for k in range(args.seeds)]
     results = {}

@@ -1,13 +1,20 @@
 """Classical denoising baselines, streamed chunk by chunk with bounded memory: the bar stemdist must clear.
 
-``evaluate --baselines`` scores the whole ladder (:func:`compute`): scan Gaussians at several widths and at
-the SURE width, the 8-neighbour mean, PCA, and PCA followed by the SURE-width Gaussian; the best of them
-*for each image* (BF, ADF, CoM, ...) is the bar.
+``evaluate --baselines`` scores the whole ladder (:func:`compute`, :func:`write`): scan Gaussians at several
+widths and at the SURE width, the mean pattern (the Gaussian's infinite width), the 8-neighbour mean, PCA,
+PCA followed by the SURE-width Gaussian, and the mean pattern fused with the raw counts as stemdist fuses
+its network's cube; the best of them *for each image* (BF, ADF, CoM, ...) is the bar.
 
 - ``gaussian``: Gaussian smoothing over the two scan axes (sigma in probe positions, truncated at
   4 sigma, half-sample symmetric borders as ``scipy.ndimage`` ``mode="reflect"``); dask ``map_overlap``.
 - ``neighbours``: the mean of the 8 neighbouring patterns (the same input the blind-spot network
   sees; border positions use mirrored neighbours, index -1 -> 1, never the centre); ``map_overlap``.
+- ``mean_pattern``: the raw cube's mean pattern at every position. At low dose a cube's PSNR is mostly
+  its mean pattern's (the scan varies little against the noise), where this beats every finite width.
+- ``fused_mean``: :func:`stemdist.run.fusion.choose_regions` and ``fuse_into`` with the mean pattern in
+  the network's place: Gaussians of the raw counts shrunk towards the mean pattern, widths and weights
+  per detector ring and sector chosen by SURE. What the final cube would be if the network learnt nothing
+  beyond the mean pattern: the network's own contribution is the final's margin over it.
 - ``pca``: projection of every pattern onto the mean pattern plus the ``rank`` leading principal
   components of the patterns. The covariance is accumulated chunk by chunk (exact; detectors up to
   ``GRAM_LIMIT`` pixels), or found by dask's randomised ``svd_compressed`` for larger detectors.
@@ -28,7 +35,8 @@ from .metrics import _lazy
 
 GRAM_LIMIT = 4096  # detector pixels up to which the PCA covariance (P·Q)² is accumulated exactly
 SIGMAS = (0.5, 1.0, 1.5, 2.0, 3.0)  # the scan Gaussians of the ladder, in probe positions
-PREFIXES = ("gaussian", "neighbours", "pca")  # every baseline's name starts with one of these
+# every baseline's name starts with one of these
+PREFIXES = ("gaussian", "mean_pattern", "fused_mean", "neighbours", "pca")
 
 
 def is_baseline(name: str) -> bool:
@@ -105,14 +113,22 @@ def pca(arr, rank: int = 8, exact: bool | None = None) -> da.Array:
     return d.rechunk({2: -1, 3: -1}).map_blocks(block, dtype=np.float32)
 
 
+def mean_pattern(arr) -> da.Array:
+    """Lazy cube holding the mean pattern at every position (chunked as ``arr``)."""
+    d = _lazy(arr)
+    mean = d.astype(np.float64).mean(axis=(0, 1)).astype(np.float32)
+    return da.broadcast_to(mean, d.shape, chunks=d.chunks)
+
+
 def compute(arr, sure_sigma: float, sigmas=SIGMAS, rank: int = 8) -> dict[str, tuple[da.Array, dict]]:
     """The ladder of lazy baseline cubes by name, each with its parameters: ``gaussian_S`` for each of
-    ``sigmas``, ``gaussian_sure`` (the SURE width, from the raw bright-field image), ``neighbours``,
-    ``pca`` (``rank``) and ``pca_gaussian`` (PCA, then the SURE-width Gaussian)."""
+    ``sigmas``, ``gaussian_sure`` (the SURE width, from the raw bright-field image), ``mean_pattern``,
+    ``neighbours``, ``pca`` (``rank``) and ``pca_gaussian`` (PCA, then the SURE-width Gaussian)."""
     d = _lazy(arr)
     out = {f"gaussian_{s:g}": (gaussian(d, s), {"sigma": float(s)}) for s in sigmas}
     out["gaussian_sure"] = (gaussian(d, sure_sigma) if sure_sigma > 0 else d.astype(np.float32),
                             {"sigma": float(sure_sigma), "chosen_by": "SURE on the raw bright-field image"})
+    out["mean_pattern"] = (mean_pattern(d), {"sigma": "infinite"})
     out["neighbours"] = (neighbour_mean(d), {})
     out["pca"] = (pca(d, rank), {"rank": rank})
     out["pca_gaussian"] = (gaussian(out["pca"][0], sure_sigma) if sure_sigma > 0 else out["pca"][0],
@@ -120,9 +136,26 @@ def compute(arr, sure_sigma: float, sigmas=SIGMAS, rank: int = 8) -> dict[str, t
     return out
 
 
+def fused_mean(arr: zarr.Array, out: zarr.Array, sure_sigma: float, sectors: int = 4) -> dict:
+    """Write into ``out`` the raw mean pattern fused with the raw counts by SURE per detector region, as
+    ``output.fuse_by: regions`` fuses a network's cube (the shares' width capped at half ``sure_sigma``,
+    as the run's final does); returns the fusion's plan."""
+    from ..run import fusion  # the run's own fusion, with the mean pattern in the network's place
+    from .metrics import find_masks
+
+    mean = da.from_zarr(arr).astype(np.float64).mean(axis=(0, 1)).compute()
+    masks = find_masks(mean)
+    labels = fusion.detector_regions(tuple(arr.shape[2:]), masks.center, masks.bf_radius, sectors=sectors)
+    flat = mean_pattern(arr)
+    plan = fusion.choose_regions(arr, flat, labels, mean, sectors, sure_sigma / 2)
+    fusion.fuse_into(out, arr, flat, plan)
+    return plan.describe()
+
+
 def write(arr: zarr.Array, out: str | Path, sure_sigma: float, sigmas=SIGMAS, rank: int = 8,
           tile: int | None = None) -> dict[str, zarr.Array]:
-    """Compute the baselines of ``arr`` into Zarr arrays of the group ``out`` (streamed)."""
+    """Compute the baselines of ``arr`` into Zarr arrays of the group ``out`` (streamed): the ladder of
+    :func:`compute`, then ``fused_mean``."""
     tile = tile or arr.chunks[0]
     group = zarr.open_group(str(out), mode="a")
     written = {}
@@ -132,4 +165,9 @@ def write(arr: zarr.Array, out: str | Path, sure_sigma: float, sigmas=SIGMAS, ra
         da.store(lazy.astype(np.float32).rechunk(z.chunks), z, lock=False)
         mark_complete(z)
         written[name] = z
+    z = create_cube(group, "fused_mean", tuple(arr.shape), tile, "float32", overwrite=True,
+                    attrs={"baseline": "fused_mean"})
+    z.attrs["fuse_plan"] = fused_mean(arr, z, sure_sigma)
+    mark_complete(z)
+    written["fused_mean"] = z
     return written
