@@ -92,24 +92,40 @@ def fusion_choice(counts: np.ndarray, network: np.ndarray, s1s=FUSION_S1, s2s=FU
     (:func:`neighbour_weight`), and the residual's correction is credited with removing none of it. The
     choice so errs towards the network as it is and towards less of the raw residual (measured: crediting
     the correction as if the network were its neighbours' mean added raw noise, MoS2 dose 20 BF error
-    2.9 -> 5.4x the network's). ``w`` is 1, or 0 where a plain Gaussian of the raw counts (``g`` = 1) has the
-    lower risk: the network is never used where it does worse. ``g`` in [0, 1] is exact for each pair of
-    widths: SURE is quadratic in it."""
+    2.9 -> 5.4x the network's). ``w`` is 1, or 0 where the raw counts alone have the lower risk: their
+    image's mean plus ``g`` x their deviations smoothed by ``s2`` (:func:`level_risk`; ``g`` = 1 is a plain
+    Gaussian, ``g`` = 0 the mean everywhere), so the network is never used where it does worse. ``g`` in
+    [0, 1] is exact for each pair of widths: SURE is quadratic in it."""
     y = np.asarray(counts, np.float64)
     lam = np.asarray(network, np.float64)
     if y.shape != lam.shape or y.ndim != 2:
         raise ValueError(f"fusion_choice: two 2-D images of one shape are needed, got {y.shape} and {lam.shape}")
     best = (0.0, 0.0, 1.0, 0.0, np.inf)
-    for s2 in s2s:  # the raw counts alone
-        risk = sure_risk(y, float(s2))
+    for s2 in s2s:  # the raw counts alone, shrunk towards their mean
+        g, risk = level_risk(y, float(s2))
         if risk < best[4]:
-            best = (0.0, float(s2), 1.0, 0.0, risk)
+            best = (0.0, float(s2), g, 0.0, risk)
     for s1 in s1s:
         for s2 in s2s:
             g, risk = fusion_risk(y, lam, float(s1), float(s2), halo)
             if risk < best[4]:
                 best = (float(s1), float(s2), g, 1.0, risk)
     return best[:4]
+
+
+def level_risk(counts: np.ndarray, s2: float) -> tuple[float, float]:
+    """``(g, SURE)`` of ``m + g G_{s2}(counts - m)``, ``m`` the image's mean and ``g`` the risk's minimiser in
+    [0, 1]: the counts' Gaussian shrunk towards their mean (``g`` = 0: the mean everywhere, right where the
+    truth's image is flat, as the total counts of a simulated cube are). The mean passes ``1 / N`` of a
+    position's own counts back to it."""
+    y = np.asarray(counts, np.float64)
+    m = y.mean()
+    b = scan_smooth(y - m, s2)
+    own = own_weights(y.shape, s2)
+    bb = float((b * b).sum())
+    g = 0.0 if bb == 0 else float(np.clip(((b * (y - m)).sum() - (own * y).sum() + y.sum() / y.size) / bb, 0, 1))
+    self_weight = g * own + (1 - g) / y.size
+    return g, float(((m + g * b - y) ** 2).sum() + 2 * (self_weight * y).sum() - y.sum())
 
 
 def fusion_risk(counts: np.ndarray, network: np.ndarray, s1: float, s2: float, halo: int = 1,

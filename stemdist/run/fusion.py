@@ -289,7 +289,7 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
     ring_raw, ring_den = by_ring(raw_img), by_ring(den_img)
     total_raw, total_den = ring_raw.sum(-1), ring_den.sum(-1)
     s1, s2, g, w = fusion_choice(total_raw, total_den, halo=halo)
-    a = w * scan_smooth(total_den, s1)
+    a = scan_smooth(total_den, s1) if w else np.full_like(total_raw, total_raw.mean())  # the network, or the level
     total = a + g * scan_smooth(total_raw - a, s2)
     ring_mean = np.bincount(ring_of, weights=mean_totals, minlength=rings)
     ring_fused, ring_choices = _split(ring_raw, ring_den, total_raw, total_den, total,
