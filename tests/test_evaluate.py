@@ -108,6 +108,9 @@ def test_bench_quality_smoke(tmp_path):
     assert set(data["doses"]["100.0"]["methods"]) >= {"raw", "final", "gaussian_1", "gaussian_sure", "neighbours",
                                                      "pca", "pca_gaussian"}
     assert set(data["doses"]["100.0"]["best_baselines"]) == {"psnr", "bf_err", "adf_err", "com_y_err", "com_x_err"}
+    m = data["doses"]["100.0"]["methods"]  # the network's own margin over the classical fusion of the mean pattern
+    assert "network vs fused_mean" in proc.stdout
+    assert f"| {m['cycle_02']['psnr'] - m['fused_mean']['psnr']:+.2f} dB" in proc.stdout
 
 
 def test_bench_quality_seeds_report_the_spread_and_count_a_pair_only_if_every_seed_meets_it(tmp_path):
