@@ -113,11 +113,12 @@ def pca(arr, rank: int = 8, exact: bool | None = None) -> da.Array:
     return d.rechunk({2: -1, 3: -1}).map_blocks(block, dtype=np.float32)
 
 
-def mean_pattern(arr) -> da.Array:
-    """Lazy cube holding the mean pattern at every position (chunked as ``arr``)."""
+def mean_pattern(arr, mean: np.ndarray | None = None) -> da.Array:
+    """Lazy cube holding the mean pattern (``mean``, or computed in the same graph) at every position,
+    chunked as ``arr``."""
     d = _lazy(arr)
-    mean = d.astype(np.float64).mean(axis=(0, 1)).astype(np.float32)
-    return da.broadcast_to(mean, d.shape, chunks=d.chunks)
+    m = d.astype(np.float64).mean(axis=(0, 1)) if mean is None else da.from_array(np.asarray(mean))
+    return da.broadcast_to(m.astype(np.float32), d.shape, chunks=d.chunks)
 
 
 def compute(arr, sure_sigma: float, sigmas=SIGMAS, rank: int = 8) -> dict[str, tuple[da.Array, dict]]:
@@ -141,13 +142,10 @@ def fused_mean(arr: zarr.Array, out: zarr.Array, sure_sigma: float, sectors: int
     ``output.fuse_by: regions`` fuses a network's cube (the shares' width capped at half ``sure_sigma``,
     as the run's final does); returns the fusion's plan."""
     from ..run import fusion  # the run's own fusion, with the mean pattern in the network's place
-    from .metrics import find_masks
 
     mean = da.from_zarr(arr).astype(np.float64).mean(axis=(0, 1)).compute()
-    masks = find_masks(mean)
-    labels = fusion.detector_regions(tuple(arr.shape[2:]), masks.center, masks.bf_radius, sectors=sectors)
-    flat = mean_pattern(arr)
-    plan = fusion.choose_regions(arr, flat, labels, mean, sectors, sure_sigma / 2)
+    flat = mean_pattern(arr, mean)  # computed once: each chunk of the fusion reads it without another pass
+    plan = fusion.plan_regions(arr, flat, mean, sectors, sure_sigma / 2)
     fusion.fuse_into(out, arr, flat, plan)
     return plan.describe()
 

@@ -13,7 +13,6 @@ from ..console import bar
 from ..data.tiles import Grid
 from ..io.zarr_store import create_cube
 from ..layout import COMPLETE, FINAL, RunPaths
-from ..quality.metrics import find_masks
 from ..quality.sure import sure_sigma
 from . import fusion
 from .inference import owned_tiles
@@ -49,19 +48,15 @@ def estimate(paths: RunPaths, config: Config) -> da.Array:
 def fusion_plan(paths: RunPaths, config: Config, raw: zarr.Array, stack: da.Array
                 ) -> tuple[fusion.Plan | fusion.RegionPlan, str]:
     """The fusion's plan and how it was chosen."""
-    shape = tuple(raw.shape[2:])
     if config.output.fuse_sigma is not None:
         return fusion.Plan(config.output.fuse_sigma), "set by output.fuse_sigma"
     if config.output.fuse_by == "bright_field":
         return (fusion.Plan(sure_sigma(np.load(paths.raw_bf))),
                 "chosen by SURE on the raw bright-field image")
-    mean = raw_mean_pattern(paths, raw)
-    masks = find_masks(mean)
-    labels = fusion.detector_regions(shape, masks.center, masks.bf_radius, sectors=config.output.fuse_sectors)
     share_sigma = sure_sigma(np.load(paths.raw_bf)) / 2
     frame = config.model.halo if config.data.borders == "copy" else 0  # patterns copied through
-    plan = fusion.choose_regions(raw, stack, labels, mean, config.output.fuse_sectors, share_sigma,
-                                 halo=config.model.halo, frame=frame)
+    plan = fusion.plan_regions(raw, stack, raw_mean_pattern(paths, raw), config.output.fuse_sectors, share_sigma,
+                               halo=config.model.halo, frame=frame)
     return plan, f"chosen by SURE per detector region: {plan.summary()}"
 
 

@@ -38,6 +38,7 @@ from scipy import ndimage
 
 from .. import faults
 from ..data.tiles import Grid
+from ..quality.metrics import find_masks
 from ..quality.sure import FUSION_S2, TRUNCATE, fusion_choice, own_weights, scan_smooth, self_weights
 
 RINGS = (1.0, 1.2, 3.0)  # region edges in disk radii: bright-field disk, gap, dark-field ring (evaluate's), beyond
@@ -263,6 +264,15 @@ def _split(raw_parts: np.ndarray, den_parts: np.ndarray, raw_whole: np.ndarray, 
         # the parts' corrections move counts between parts, never the whole's total
         fused -= share * (fused.sum(-1, keepdims=True) - fused_whole[..., None])
     return fused, choices
+
+
+def plan_regions(raw, den, mean: np.ndarray, sectors: int, share_cap: float, halo: int = 1, frame: int = 0
+                 ) -> RegionPlan:
+    """:func:`choose_regions` over the detector regions found from the mean pattern (the bright-field disk's
+    centre and radius, :func:`stemdist.quality.metrics.find_masks`), ``sectors`` per ring."""
+    masks = find_masks(mean)
+    labels = detector_regions(tuple(raw.shape[2:]), masks.center, masks.bf_radius, sectors=sectors)
+    return choose_regions(raw, den, labels, mean, sectors, share_cap, halo=halo, frame=frame)
 
 
 def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int = 1, share_sigma: float = 0.0,
