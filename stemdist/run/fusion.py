@@ -191,7 +191,7 @@ class RegionPlan:
 
     def summary(self) -> str:
         s1, s2, g, w = self.choices["total"]
-        total = f"raw s {s2:g}" if not w else f"network s {s1:g} + {g:.2f} x residual s {s2:g}"
+        total = f"raw mean + {g:.2f} x raw s {s2:g}" if not w else f"network s {s1:g} + {g:.2f} x residual s {s2:g}"
         split = lambda c: ", ".join(f"({s:g}, {g:.2f}{', mean' if src == 'mean' else ''})"  # noqa: E731
                                     for s, g, src in c)
         return (f"total {total}; rings (s, g) [{split(self.choices['rings'])}]; sectors "
