@@ -16,6 +16,12 @@ from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 CHUNK_BYTES = 2 * 2**20  # target size of one uncompressed scan chunk when data.tile is null (stated once)
+# `auto` network size, from the raw cube's mean counts per pattern: below LOW_COUNTS the narrower network
+# with the shorter warm-up won on three simulated materials at doses 20 and 50, the wider one at 100 and 500
+# (README, Quality: "Width by counts")
+LOW_COUNTS = 70.0
+AUTO = {("model", "base_width"): (16, 24), ("train", "warmup_epochs"): (2, 4)}  # (below LOW_COUNTS, at or above)
+Auto = Literal["auto"]
 
 
 class Section(BaseModel):
@@ -33,11 +39,22 @@ class DataConfig(Section):
     prefetch_factor: int = Field(1, ge=1)  # tile groups (each many batches) prefetched per worker
 
 
+def _int_or_auto(v: Any, least: int) -> Any:
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= least):
+        return v
+    raise ValueError(f"must be an integer >= {least} or auto; got {v!r}")
+
+
 class ModelConfig(Section):
-    base_width: int = Field(24, ge=1)
+    base_width: int | Auto = "auto"  # widths w, 2w, ... 16w; auto: by the counts per pattern (LOW_COUNTS)
     depth: int = Field(4, ge=1, le=8)
     head: Literal["square", "mean_exp"] = "square"  # square: the reference; mean_exp: mean pattern x exp(net)
     window: Literal[3, 5] = 3  # the blind spot's neighbourhood: 3 x 3 (8 neighbours, the reference) or 5 x 5 (24)
+
+    @field_validator("base_width", mode="before")
+    @classmethod
+    def _width(cls, v: Any) -> Any:
+        return _int_or_auto(v, 1)
 
     @property
     def halo(self) -> int:
@@ -51,7 +68,7 @@ class TrainConfig(Section):
     # at least this many samples per cycle: a small scan gets more epochs (a 32 x 32 scan's 15 epochs are
     # 480 optimiser steps, too few to train the network; a 256 x 256 scan's are 30,000)
     min_samples: int = Field(30000, ge=0)
-    warmup_epochs: int = Field(4, ge=0)
+    warmup_epochs: int | Auto = "auto"  # z-normalised MSE epochs before the Poisson loss; auto: by LOW_COUNTS
     batch_size: int = Field(32, ge=1)  # per device; the global batch is batch_size x world size
     lr: float = Field(1e-3, gt=0)  # Adam learning rate, applied as is whatever the world size
     # constant: lr throughout (reference); cosine: lr through the warm-up, then down to lr / 20 by the cycle's end
@@ -67,6 +84,11 @@ class TrainConfig(Section):
     relative_weight: float = Field(0.0, ge=0, le=1)  # Poisson loss per pixel x (mean / pixel's mean) ** this
     match_counts: bool = True  # scale the output to the targets' counts before the first Poisson step (ref: off)
     seed: int = 0
+
+    @field_validator("warmup_epochs", mode="before")
+    @classmethod
+    def _warmup(cls, v: Any) -> Any:
+        return _int_or_auto(v, 0)
 
 
 class HardwareConfig(Section):
@@ -119,6 +141,22 @@ class Config(Section):
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def resolve_auto(config: Config, mean_counts: float) -> tuple[Config, str]:
+    """``config`` with every ``auto`` size set from the raw cube's mean counts per pattern (see AUTO), and a
+    sentence for the run's log ("" when nothing was ``auto``)."""
+    low = mean_counts < LOW_COUNTS
+    chosen = {(section, key): values[0 if low else 1] for (section, key), values in AUTO.items()
+              if getattr(getattr(config, section), key) == "auto"}
+    if not chosen:
+        return config, ""
+    updates: dict[str, dict[str, Any]] = {}
+    for (section, key), value in chosen.items():
+        updates.setdefault(section, {})[key] = value
+    said = ", ".join(f"{section}.{key} {value}" for (section, key), value in chosen.items())
+    return apply(config, updates, "auto"), (f"{said} (auto: {mean_counts:.4g} counts per pattern, "
+                                            f"{'below' if low else 'at or above'} {LOW_COUNTS:g})")
 
 
 SECTIONS = tuple(Config.model_fields)

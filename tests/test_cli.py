@@ -286,3 +286,39 @@ def test_grad_clip_reaches_the_trainer_and_the_loss_log_holds_each_epochs_larges
     assert (t.gradient_clip_val, t.gradient_clip_algorithm) == (0.5, "norm")
     off = trainer(load(None), Ranks(), RunPaths(tmp_path / "other"), 1, "cpu", "32-true", steps_per_epoch=1)
     assert off.gradient_clip_val is None
+
+
+@pytest.mark.parametrize("dose,width,warmup", [(20.0, 16, 2), (150.0, 24, 4)])
+def test_auto_network_size_follows_the_counts_per_pattern(tmp_path, dose, width, warmup):
+    """model.base_width / train.warmup_epochs auto: the narrow network below 70 counts per pattern, the wide one
+    above; the run's saved config holds the sizes it trained (so `predict` rebuilds the same network)."""
+    from stemdist import config as cfg
+    from stemdist.io.synth import synth
+
+    cube = tmp_path / "cube.zarr"
+    synth(cube, (8, 8), (16, 16), dose=dose, seed=3, tile=4)
+    run = tmp_path / "run"
+    args = ["denoise", str(cube / "noisy"), "--out", str(run), *SMOKE, "--cycles", "1", "--epochs", "6",
+            "--set", "model.base_width=auto", "--set", "train.warmup_epochs=auto"]
+    run_cli(*args)
+    run_cli(*args, "--resume")  # the same command resumes: auto is the size it resolved to
+    wider = run_cli(*args, "--resume", "--set", "model.base_width=40", check=False)
+    assert wider.returncode != 0 and f"model.base_width was {width} and cannot become 40" in wider.stderr
+    saved = cfg.load(run / "config.yaml")
+    assert (saved.model.base_width, saved.train.warmup_epochs) == (width, warmup)
+    log = (run / "stemdist.log").read_text()
+    assert f"network: model.base_width {width}, train.warmup_epochs {warmup} (auto: " in log
+    assert f"counts per pattern, {'below' if width == 16 else 'at or above'} 70)" in log
+    import torch
+
+    weights = torch.load(run / "unet_denoiser.pt", map_location="cpu")
+    assert [w.shape[0] for w in weights.values() if w.ndim == 4][0] == width  # the first convolution's outputs
+    from stemdist.layout import read_losses
+
+    phases = [r["phase"] for r in read_losses(run)]
+    assert phases == ["warmup"] * min(warmup, 3) + ["poisson"] * (6 - min(warmup, 3))  # at most half the epochs
+    if width == 16:
+        run_cli("predict", str(run), str(cube / "noisy"), str(tmp_path / "p.zarr"), "--quiet")
+        net = zarr.open_group(str(run / "denoised.zarr"), mode="r")["cycle_01"][...]
+        np.testing.assert_allclose(zarr.open_array(str(tmp_path / "p.zarr"), mode="r")[...], net, rtol=1e-5,
+                                   atol=1e-5)

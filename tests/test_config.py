@@ -21,6 +21,19 @@ def test_builtin_configs_load_and_differ_as_documented():
     assert smoke.train.min_samples == 0 and reference.model.head == "square"
 
 
+def test_auto_sizes_resolve_from_the_counts_per_pattern_and_explicit_sizes_stay():
+    default = cfg.load("default")
+    assert (default.model.base_width, default.train.warmup_epochs) == ("auto", "auto")
+    low, said = cfg.resolve_auto(default, 48.0)
+    assert (low.model.base_width, low.train.warmup_epochs) == (16, 2) and "48 counts per pattern, below 70" in said
+    high, said = cfg.resolve_auto(default, cfg.LOW_COUNTS)
+    assert (high.model.base_width, high.train.warmup_epochs) == (24, 4) and "at or above 70" in said
+    mixed, said = cfg.resolve_auto(cfg.load("default", cfg.parse_overrides(["model.base_width=32"])), 10.0)
+    assert (mixed.model.base_width, mixed.train.warmup_epochs) == (32, 2) and said.startswith("train.warmup_epochs 2")
+    reference = cfg.load("reference")
+    assert cfg.resolve_auto(reference, 10.0) == (reference, "")  # the reference keeps its own sizes
+
+
 def test_overrides_are_typed():
     c = cfg.load("smoke", cfg.parse_overrides(["train.epochs=7", "data.tile=null", "train.lr=5e-4",
                                                 "hardware.compile=true", "data.borders=copy"]))
@@ -43,6 +56,9 @@ def test_overrides_are_typed():
     (["train.relative_weight=2"], "train.relative_weight must be <= 1"),
     (["train.min_samples=-5"], "train.min_samples must be >= 0"),
     (["train.grad_clip=-1"], "train.grad_clip must be >= 0"),
+    (["model.base_width=wide"], "model.base_width: must be an integer >= 1 or auto; got 'wide'"),
+    (["model.base_width=0"], "model.base_width: must be an integer >= 1 or auto; got 0"),
+    (["train.warmup_epochs=-1"], "train.warmup_epochs: must be an integer >= 0 or auto; got -1"),
 ])
 def test_bad_values_name_the_key(pairs, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):

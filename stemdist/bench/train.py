@@ -30,6 +30,7 @@ from ..train.trainer import loader, trainer
 from . import common
 
 GOAL = 5.0
+DOSE = 100.0  # electrons per pattern of the timed cube
 
 
 class TimedLoader:
@@ -89,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _one(path, workers: int, args, root) -> dict:
     overrides = cfg.parse_overrides(args.set + [f"data.num_workers={workers}", f"train.epochs={args.epochs}"])
-    conf = cfg.load(args.config, overrides)
+    conf = cfg.resolve_auto(cfg.load(args.config, overrides), DOSE)[0]  # the synthetic cube's counts per pattern
     torch.manual_seed(conf.train.seed)
     module = Denoiser(conf.model, conf.train, channels_last=hardware.channels_last(conf))
     if conf.hardware.compile:
@@ -132,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("bench train: --epochs must be >= 2 (the first epoch warms the loader up)")
     results = []
     with common.workdir(args.workdir, "stemdist-bench-train-") as root:
-        path = common.synth_cube(root, (args.scan, args.scan), (args.det, args.det), tile=args.tile,
-                                 seed=args.seed)
+        path = common.synth_cube(root, (args.scan, args.scan), (args.det, args.det), dose=DOSE,
+                                 tile=args.tile, seed=args.seed)
         for w in args.workers:
             results.append(_one(path, w, args, root))
     r0 = results[0]

@@ -16,7 +16,7 @@ import torch
 import zarr
 
 from .. import console, faults
-from ..config import Config, ConfigError, apply, load
+from ..config import Config, ConfigError, apply, load, resolve_auto
 from ..data.tiles import Grid
 from ..errors import InputError, StemdistError
 from ..io.checks import check_chunks, check_shape, check_values
@@ -54,9 +54,9 @@ def setup_logging(path: Path | None, verbose: bool = True) -> None:
         log.addHandler(fh)
 
 
-def _check_resume_config(saved: Config, new: dict) -> None:
+def _check_resume_config(saved: Config, new: dict, info: dict) -> None:
     """A resumed run keeps its configuration; only keys that do not change the result may differ."""
-    changed = apply(saved, new, "override")
+    changed = resolve_auto(apply(saved, new, "override"), mean_counts(info))[0]
     for section, values in new.items():
         for key in values or {}:
             if section in RESUMABLE or f"{section}.{key}" in RESUMABLE:
@@ -104,8 +104,9 @@ def prepare(input_path: Any, paths: RunPaths, config: Config, dataset: str | Non
     root.mkdir(parents=True, exist_ok=True)
     lock.acquire()
     if paths.run_info.exists():  # a resumed run
-        _check_resume_config(load(paths.config), overrides)
-        return paths.read_info()
+        info = paths.read_info()
+        _check_resume_config(load(paths.config), overrides, info)
+        return info
     try:
         return _set_up(input_path, paths, config, dataset)
     except StemdistError:
@@ -152,7 +153,7 @@ def _set_up(input_path: Any, paths: RunPaths, config: Config, dataset: str | Non
             "raw": str(Path(raw).resolve()),
             "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
             "mean_counts": float(totals), "rechunked_from": rechunked}
-    config.save(paths.config)
+    resolve_auto(config, float(totals))[0].save(paths.config)  # the sizes the run trains, for predict and resume
     zarr.open_group(str(paths.denoised), mode="a")
     paths.run_info.write_text(json.dumps(info, indent=2))
     return info
@@ -194,6 +195,9 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
                      "chunks %s", tuple(info["rechunked_from"]), config.data.tile, paths.input, tuple(info["chunks"]))
     else:
         setup_logging(None, verbose=False)
+    config, sized = resolve_auto(config, mean_counts(info))
+    if sized and ranks.is_main:
+        log.info("network: %s", sized)
     raw = zarr.open_array(info["raw"], mode="r")
     grid = Grid.of(raw)  # the one grid: training tiles, inference tiles and output chunks
     C = config.train.cycles
@@ -254,6 +258,13 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
     return paths
 
 
+def mean_counts(info: dict) -> float:
+    """The raw cube's mean counts per pattern (measured at set-up; runs of earlier versions measure it here)."""
+    if info.get("mean_counts") is None:
+        info["mean_counts"] = float(da.from_zarr(info["raw"]).astype(np.float64).sum(axis=(2, 3)).mean())
+    return info["mean_counts"]
+
+
 DIVERGED = 3.0  # a cycle whose mean counts per pattern are off the raw cube's by more than this factor
 
 
@@ -261,9 +272,7 @@ def check_cycle(paths: RunPaths, info: dict, c: int, totals: np.ndarray, out: za
     """Rank 0: stop the run if cycle ``c``'s cube is not in counts (non-finite, or its mean counts per pattern
     off the raw cube's by more than ``DIVERGED``x). Its array stays without ``complete``: it is never fused,
     exported or fed to the next cycle."""
-    raw_mean = info.get("mean_counts")
-    if raw_mean is None:  # runs of earlier versions
-        raw_mean = info["mean_counts"] = float(da.from_zarr(info["raw"]).astype(np.float64).sum(axis=(2, 3)).mean())
+    raw_mean = mean_counts(info)
     mean = float(totals.mean())
     ratio = mean / raw_mean if raw_mean > 0 else float("nan")
     if not np.isfinite(totals).all() or not (1 / DIVERGED <= ratio <= DIVERGED):

@@ -12,16 +12,22 @@ from ..data.tiles import neighbour_offsets
 from .losses import pixel_weights, poisson_loss, warmup_loss
 from .model import UNet
 
+UNRESOLVED = "{} 'auto' must be resolved first (stemdist.config.resolve_auto, from the cube's counts per pattern)"
+
 
 def warmup_epochs(train: TrainConfig) -> int:
     """Warm-up epochs actually run: at most half the cycle's epochs, so that every schedule ends on the
     Poisson loss, whose output is in counts (the z-normalised warm-up leaves the scale free)."""
+    if train.warmup_epochs == "auto":
+        raise ValueError(UNRESOLVED.format("train.warmup_epochs"))
     return min(train.warmup_epochs, train.epochs // 2)
 
 
 class Denoiser(pl.LightningModule):
     def __init__(self, model: ModelConfig, train: TrainConfig, channels_last: bool = False):
         super().__init__()
+        if model.base_width == "auto":
+            raise ValueError(UNRESOLVED.format("model.base_width"))
         self.net = UNet(len(neighbour_offsets(model.halo)), model.base_width, model.depth, model.head)
         self.train_cfg = train
         self.channels_last = channels_last
