@@ -22,6 +22,8 @@ CHUNK_BYTES = 2 * 2**20  # target size of one uncompressed scan chunk when data.
 LOW_COUNTS = 70.0
 AUTO = {("model", "base_width"): (16, 24), ("train", "warmup_epochs"): (2, 4)}  # (below LOW_COUNTS, at or above)
 Auto = Literal["auto"]
+AUTO_RULE = (f"auto: {', '.join(f'{k} {v[0]}' for (_, k), v in AUTO.items())} below {LOW_COUNTS:g} counts per "
+             f"pattern, else {', '.join(str(v[1]) for v in AUTO.values())}")
 
 
 class Section(BaseModel):

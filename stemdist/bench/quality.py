@@ -128,9 +128,11 @@ def protocol(config_name: str, over: dict) -> str:
     from .. import config as cfg
 
     c = cfg.load(config_name, over)
+    sized = "auto" in (c.model.base_width, c.train.warmup_epochs)
     return (f"config {config_name}: {c.train.cycles} cycles x {c.train.epochs} epochs "
             f"(at least {c.train.min_samples} samples per cycle; {c.train.warmup_epochs} warm-up), "
-            f"base width {c.model.base_width}, depth {c.model.depth}, head {c.model.head}, "
+            f"base width {c.model.base_width}{f' ({cfg.AUTO_RULE})' if sized else ''}, depth {c.model.depth}, "
+            f"head {c.model.head}, "
             f"fusion {c.output.fuse_by if c.output.fuse else 'off'}, "
             f"target {c.train.target}, borders "
             f"{c.data.borders}, final {c.output.final}, mean/sum weights "
