@@ -51,10 +51,12 @@ def assert_complete_run(run: Path, ranks: int) -> None:
 def test_torchrun_two_processes(tmp_path, smoke_cube):
     """The README's recipe: torchrun --nproc-per-node 2 -m stemdist denoise ..."""
     run = tmp_path / "run"
-    check(torchrun("denoise", str(smoke_cube / "noisy"), "--out", str(run), *SMOKE, "--accelerator", "cpu"))
+    check(torchrun("denoise", str(smoke_cube / "noisy"), "--out", str(run), *SMOKE, "--accelerator", "cpu",
+                   "--set", "model.base_width=auto", "--set", "train.warmup_epochs=auto"))
     assert_complete_run(run, 2)
     log = (run / "stemdist.log").read_text()
     assert "8 batches of 16 per rank" in log  # 256 samples over 2 ranks
+    assert "network: model.base_width 24, train.warmup_epochs 4 (auto: " in log  # both ranks built the same net
 
 
 def test_devices_flag_launches_itself(tmp_path, small_cube):
