@@ -17,9 +17,9 @@ from .errors import ConfigError
 CONFIG_DIR = Path(__file__).parent / "configs"
 CHUNK_BYTES = 2 * 2**20  # target size of one uncompressed scan chunk when data.tile is null (stated once)
 # `auto` network size, from the raw cube's mean counts per pattern: below LOW_COUNTS the narrower network
-# with the shorter warm-up won on three simulated materials at doses 20 and 50, the wider one at 100 and 500
-# (README, Quality: "Width by counts")
-LOW_COUNTS = 70.0
+# with the shorter warm-up won on three simulated materials at doses 20 and 50 (and on MoS2 at 70), the wider one
+# at 100 and 500 (README, Quality: "Network size from the counts per pattern")
+LOW_COUNTS = 85.0
 AUTO = {("model", "base_width"): (16, 24), ("train", "warmup_epochs"): (2, 4)}  # (below LOW_COUNTS, at or above)
 Auto = Literal["auto"]
 AUTO_RULE = (f"auto: {', '.join(f'{k} {v[0]}' for (_, k), v in AUTO.items())} below {LOW_COUNTS:g} counts per "

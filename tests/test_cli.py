@@ -290,7 +290,7 @@ def test_grad_clip_reaches_the_trainer_and_the_loss_log_holds_each_epochs_larges
 
 @pytest.mark.parametrize("dose,width,warmup", [(20.0, 16, 2), (150.0, 24, 4)])
 def test_auto_network_size_follows_the_counts_per_pattern(tmp_path, dose, width, warmup):
-    """model.base_width / train.warmup_epochs auto: the narrow network below 70 counts per pattern, the wide one
+    """model.base_width / train.warmup_epochs auto: the narrow network below 85 counts per pattern, the wide one
     above; the run's saved config holds the sizes it trained (so `predict` rebuilds the same network)."""
     from stemdist import config as cfg
     from stemdist.io.synth import synth
@@ -308,7 +308,7 @@ def test_auto_network_size_follows_the_counts_per_pattern(tmp_path, dose, width,
     assert (saved.model.base_width, saved.train.warmup_epochs) == (width, warmup)
     log = (run / "stemdist.log").read_text()
     assert f"network: model.base_width {width}, train.warmup_epochs {warmup} (auto: " in log
-    assert f"counts per pattern, {'below' if width == 16 else 'at or above'} 70)" in log
+    assert f"counts per pattern, {'below' if width == 16 else 'at or above'} 85)" in log
     import torch
 
     weights = torch.load(run / "unet_denoiser.pt", map_location="cpu")

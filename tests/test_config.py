@@ -25,9 +25,9 @@ def test_auto_sizes_resolve_from_the_counts_per_pattern_and_explicit_sizes_stay(
     default = cfg.load("default")
     assert (default.model.base_width, default.train.warmup_epochs) == ("auto", "auto")
     low, said = cfg.resolve_auto(default, 48.0)
-    assert (low.model.base_width, low.train.warmup_epochs) == (16, 2) and "48 counts per pattern, below 70" in said
+    assert (low.model.base_width, low.train.warmup_epochs) == (16, 2) and "48 counts per pattern, below 85" in said
     high, said = cfg.resolve_auto(default, cfg.LOW_COUNTS)
-    assert (high.model.base_width, high.train.warmup_epochs) == (24, 4) and "at or above 70" in said
+    assert (high.model.base_width, high.train.warmup_epochs) == (24, 4) and "at or above 85" in said
     mixed, said = cfg.resolve_auto(cfg.load("default", cfg.parse_overrides(["model.base_width=32"])), 10.0)
     assert (mixed.model.base_width, mixed.train.warmup_epochs) == (32, 2) and said.startswith("train.warmup_epochs 2")
     reference = cfg.load("reference")
