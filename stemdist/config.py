@@ -78,6 +78,9 @@ class TrainConfig(Section):
     # the network used is an exponential moving average of the Poisson phase's weights with this decay per
     # optimiser step (0: the last step's weights, the reference)
     ema: float = Field(0.0, ge=0, lt=1)
+    # the network used is the mean of the outputs of the networks at the end of the last this many Poisson
+    # epochs (1: the last epoch's, the reference); their counts scatter from epoch to epoch (README, Quality)
+    average_epochs: int = Field(4, ge=1, le=32)
     # clip each step's gradient to this global norm (Lightning's gradient_clip_val; 0: no clipping)
     grad_clip: float = Field(0.0, ge=0)
     mean_weight: float = Field(0.0, ge=0)  # reference: 0.02 (weight of the per-pattern mean MSE)
@@ -136,6 +139,9 @@ class Config(Section):
     def _consistent(self) -> Config:
         if self.output.final == "mean" and self.output.keep_cycles != "all":
             raise ValueError("output.final: mean averages every cycle, so it needs output.keep_cycles: all")
+        if self.train.ema and self.train.average_epochs > 1:
+            raise ValueError(f"train.ema {self.train.ema:g} and train.average_epochs {self.train.average_epochs} are "
+                             "two ways to average a cycle's networks: set train.average_epochs: 1 to use the EMA")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -226,7 +226,8 @@ def test_weight_average_is_the_network_used_and_survives_kill_9(npy_input, tmp_p
     step's), and a run killed mid-cycle resumes to the same cube."""
     import torch
 
-    ema = [*SMOKE, "--cycles", "1", "--epochs", "3", "--set", "data.tile=4", "--set", "train.ema=0.7"]
+    ema = [*SMOKE, "--cycles", "1", "--epochs", "3", "--set", "data.tile=4", "--set", "train.ema=0.7",
+           "--set", "train.average_epochs=1"]
     whole = tmp_path / "whole"
     run_cli("denoise", str(npy_input), "--out", str(whole), *ema)
     ckpt = torch.load(whole / "checkpoints" / "cycle_01" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -241,4 +242,39 @@ def test_weight_average_is_the_network_used_and_survives_kill_9(npy_input, tmp_p
                      check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     run_cli("denoise", str(npy_input), "--out", str(run), *ema, "--resume")
+    np.testing.assert_allclose(final_of(run), final_of(whole), rtol=1e-4, atol=1e-4)
+
+
+def test_output_average_is_the_network_used_and_survives_kill_9(npy_input, tmp_path):
+    """train.average_epochs: the cycle's cube is the mean of the outputs of its last Poisson epochs' networks
+    (kept in the checkpoint), predict rebuilds the same average, and a run killed mid-cycle resumes to the
+    same cube."""
+    import torch
+
+    avg = [*SMOKE, "--cycles", "1", "--epochs", "4", "--set", "data.tile=4", "--set", "train.average_epochs=2"]
+    whole = tmp_path / "whole"
+    run_cli("denoise", str(npy_input), "--out", str(whole), *avg)
+    used = torch.load(whole / "weights" / "cycle_01.pt", map_location="cpu")
+    assert set(used) == {"last", "average"} and len(used["average"]) == 2
+    ckpt = torch.load(whole / "checkpoints" / "cycle_01" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    assert all(torch.equal(used["last"][k], last[k]) for k in last)
+    assert all(torch.equal(used["average"][-1][k], last[k]) for k in last)  # the last epoch's, and the one before
+    assert not all(torch.equal(used["average"][0][k], last[k]) for k in last)
+    cycle = zarr.open_array(str(whole / "denoised.zarr" / "cycle_01"), mode="r")[...]
+    raw = json.loads((whole / "run.json").read_text())["raw"]  # the run's own Zarr copy of the input
+    run_cli("predict", str(whole), raw, str(tmp_path / "again.zarr"), "--quiet")
+    np.testing.assert_allclose(zarr.open_array(str(tmp_path / "again.zarr"), mode="r")[...], cycle, rtol=1e-5,
+                               atol=1e-5)
+    alone = tmp_path / "alone"  # the last epoch's network by itself predicts something else
+    alone.mkdir()
+    torch.save(used["last"], alone / "w.pt")
+    shutil.copyfile(whole / "config.yaml", alone / "config.yaml")
+    run_cli("predict", str(alone / "w.pt"), raw, str(tmp_path / "alone.zarr"), "--quiet")
+    assert np.abs(zarr.open_array(str(tmp_path / "alone.zarr"), mode="r")[...] - cycle).max() > 1e-3
+    run = tmp_path / "run"
+    killed = run_cli("denoise", str(npy_input), "--out", str(run), *avg, env={"STEMDIST_FAULT": "train:1:2"},
+                     check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_cli("denoise", str(npy_input), "--out", str(run), *avg, "--resume")
     np.testing.assert_allclose(final_of(run), final_of(whole), rtol=1e-4, atol=1e-4)

@@ -132,7 +132,7 @@ def protocol(config_name: str, over: dict) -> str:
     return (f"config {config_name}: {c.train.cycles} cycles x {c.train.epochs} epochs "
             f"(at least {c.train.min_samples} samples per cycle; {c.train.warmup_epochs} warm-up), "
             f"base width {c.model.base_width}{f' ({cfg.AUTO_RULE})' if sized else ''}, depth {c.model.depth}, "
-            f"head {c.model.head}, "
+            f"head {c.model.head}, network: mean output of the last {c.train.average_epochs} epochs' networks, "
             f"fusion {c.output.fuse_by if c.output.fuse else 'off'}, "
             f"target {c.train.target}, borders "
             f"{c.data.borders}, final {c.output.final}, mean/sum weights "

@@ -26,7 +26,7 @@ from ..io.zarr_store import create_cube, is_zarr, open_cube
 from ..layout import COMPLETE, LEFTOVERS, RUN_INFO, RunLock, RunPaths, cycle_name, is_complete, mark_complete
 from ..quality.figures import cycle_figure, denoised_figure, run_figures
 from ..quality.metrics import bright_field_mask, virtual_bf_lazy
-from ..train.module import Denoiser
+from ..train.module import Denoiser, averaged, split_weights, weights_state
 from ..train.trainer import train_cycle
 from . import hardware
 from . import ranks as rk
@@ -210,7 +210,7 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
         module.compile_net()
     start = last_complete_cycle(paths, C) if resume else 0
     if start:
-        module.net.load_state_dict(torch.load(paths.cycle_weights(start), map_location="cpu"))
+        module.net.load_state_dict(split_weights(torch.load(paths.cycle_weights(start), map_location="cpu"))[0])
         if ranks.is_main:
             log.info("resuming after complete cycle %d of %d", start, C)
     raw_bf = np.load(paths.raw_bf) if ranks.is_main else None  # computed once, while checking the input
@@ -219,24 +219,28 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
         t0 = time.perf_counter()
         beta = c / C
         den = str(paths.cycle(c - 1)) if c > 1 else None  # cycle 1 blends raw with raw: the raw cube
-        train_cycle(module, config, ranks, paths, c, info["raw"], den, beta, hardware.accelerator(config),
-                    hardware.precision(config))
+        members = train_cycle(module, config, ranks, paths, c, info["raw"], den, beta, hardware.accelerator(config),
+                              hardware.precision(config))
         if ranks.is_main:
             paths.cycle_weights(c).parent.mkdir(exist_ok=True)
-            torch.save(module.net.state_dict(), paths.cycle_weights(c))
+            torch.save(weights_state(module, members), paths.cycle_weights(c))
+            if len(members) > 1:
+                log.info("cycle %d: inference averages the outputs of the networks of its last %d epochs "
+                         "(train.average_epochs)", c, len(members))
             create_cube(str(paths.denoised), cycle_name(c), tuple(raw.shape), grid.tile, overwrite=True,
                         attrs={COMPLETE: False, "cycle": c, "beta": beta})
         rk.barrier()
         out_arr = zarr.open_array(str(paths.cycle(c)), mode="r+")
         den_arr = zarr.open_array(den, mode="r") if den else None
-        module.to(device)
+        model = averaged(module, members).to(device)
         with console.bar(f"cycle {c} inference", grid.n_tiles // ranks.world_size, ranks.is_main) as advance:
-            images = infer(module, raw, den_arr, beta, out_arr, borders=config.data.borders,
+            images = infer(model, raw, den_arr, beta, out_arr, borders=config.data.borders,
                            batch_size=config.inference.batch_size, device=device, rank=ranks.rank,
                            world_size=ranks.world_size, cache_chunks=config.data.cache_chunks,
                            autocast=hardware.autocast_dtype(config), progress=advance,
                            threads=hardware.io_threads(ranks.local_world_size), bf_mask=bf_mask,
                            halo=config.model.halo)
+        del model
         module.cpu().train()
         bf, totals = rk.sum_to_main(images)
         rk.barrier()

@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..io.checks import check_chunks, check_values
 from ..io.zarr_store import create_cube, default_tile, open_cube
 from ..layout import COMPLETE, CONFIG, RunPaths, mark_complete, require_complete
-from ..train.module import Denoiser
+from ..train.module import Denoiser, averaged, split_weights
 from . import hardware
 from . import ranks as rk
 from .inference import infer
@@ -60,12 +60,13 @@ def predict(source: str | Path, input_path: str | Path, output: str | Path, *, d
     raw = open_cube(input_path, dataset)
     out = zarr.open_array(str(output), mode="r+")
     module = Denoiser(config.model, config.train)
-    module.net.load_state_dict(torch.load(weights, map_location="cpu"))
+    last, members = split_weights(torch.load(weights, map_location="cpu"))
+    module.net.load_state_dict(last)
     hardware.setup(config, ranks)
     device = hardware.device(config, ranks)
-    module.to(device)
+    model = averaged(module, members).to(device)
     with bar("inference", Grid.of(out).n_tiles // ranks.world_size, ranks.is_main) as advance:
-        infer(module, raw, None, 0.0, out, borders=config.data.borders,
+        infer(model, raw, None, 0.0, out, borders=config.data.borders,
               batch_size=batch_size or config.inference.batch_size, device=device, rank=ranks.rank,
               world_size=ranks.world_size, cache_chunks=config.data.cache_chunks,
               autocast=hardware.autocast_dtype(config), progress=advance,

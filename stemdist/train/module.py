@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytorch_lightning as pl
 import torch
+from torch import nn
 
 from ..config import ModelConfig, TrainConfig
 from ..data.tiles import neighbour_offsets
@@ -123,3 +125,52 @@ def cosine_factor(step: int, start: int, total: int) -> float:
         return 1.0
     t = min(1.0, (step - start) / (total - start))
     return LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class OutputAverage(nn.Module):
+    """The mean of several networks' outputs (``train.average_epochs``): the networks at the end of a cycle's
+    last Poisson epochs. Each one's counts scatter by up to ~10% from epoch to epoch at a constant learning
+    rate; their mean does not, where averaging the *weights* would lower the counts (the output is squared)."""
+
+    def __init__(self, members: list[nn.Module], channels_last: bool = False):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.members[0](x).float()
+        for m in self.members[1:]:
+            out += m(x).float()
+        return out / len(self.members)
+
+
+def averaged(module: Denoiser, members: list[dict]) -> nn.Module:
+    """What inference runs: ``module`` itself for one member or none (its weights as they are), else the
+    :class:`OutputAverage` of copies of its network holding each member's weights."""
+    if len(members) <= 1:
+        if members:
+            module.net.load_state_dict(members[0])
+        return module
+    nets = []
+    for state in members:
+        net = copy.deepcopy(module.net)
+        net.load_state_dict(state)
+        nets.append(net)
+    return OutputAverage(nets, module.channels_last)
+
+
+def weights_state(module: Denoiser, members: list[dict]) -> dict:
+    """What a weights file holds: the network's state dict, or with several members ``{"last": the live
+    weights (what the next cycle or a resume trains on), "average": the members}``."""
+    if len(members) <= 1:
+        return module.net.state_dict()
+    return {"last": module.net.state_dict(), "average": members}
+
+
+def split_weights(state: dict) -> tuple[dict, list[dict]]:
+    """``(last weights, members averaged at inference)`` of a weights file of this version or an earlier one."""
+    if "last" in state and "average" in state:
+        return state["last"], list(state["average"])
+    return state, [state]

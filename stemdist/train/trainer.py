@@ -96,6 +96,26 @@ class LossLog(Callback):
                                 "grad_norm": f"{float(trainer.callback_metrics.get('grad_norm', math.nan)):.4g}"})
 
 
+class EpochSnapshots(Callback):
+    """``train.average_epochs``: the network's weights (on the CPU) at the end of each of the last ``keep``
+    Poisson epochs; kept in the checkpoint, so a resumed cycle averages the same networks."""
+
+    def __init__(self, keep: int):
+        self.keep, self.members = keep, []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if module.in_warmup():  # the warm-up's network predicts z-scores, not counts
+            return
+        self.members.append({k: v.detach().to("cpu", copy=True) for k, v in module.net.state_dict().items()})
+        del self.members[:-self.keep]
+
+    def state_dict(self) -> dict:
+        return {"members": self.members}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.members = list(state.get("members", []))[-self.keep:]
+
+
 def loggers(paths: RunPaths, cycle: int) -> list:
     name = cycle_name(cycle)
     attempt = 0  # a resumed cycle logs beside its first attempt, never over it
@@ -123,8 +143,9 @@ def averaging(config: Config, steps_per_epoch: int) -> list[Callback]:
 
 
 def trainer(config: Config, ranks: Ranks, paths: RunPaths, cycle: int, accelerator: str,
-            precision: str, steps_per_epoch: int) -> pl.Trainer:
-    """Lightning's Trainer for one cycle (DDP over the ranks when there are several)."""
+            precision: str, steps_per_epoch: int, snapshots: EpochSnapshots | None = None) -> pl.Trainer:
+    """Lightning's Trainer for one cycle (DDP over the ranks when there are several); ``snapshots`` keeps the
+    networks that inference averages."""
     console.quiet_libraries()
     devices, num_nodes = (ranks.local_world_size, ranks.num_nodes) if ranks.world_size > 1 else (1, 1)
     strategy = config.hardware.strategy
@@ -146,6 +167,7 @@ def trainer(config: Config, ranks: Ranks, paths: RunPaths, cycle: int, accelerat
                             every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False),
             LossLog(paths.losses, cycle),
             *averaging(config, steps_per_epoch),
+            *([snapshots] if snapshots is not None else []),
         ],
         use_distributed_sampler=False,
         enable_progress_bar=console.enabled(),
@@ -157,8 +179,10 @@ def trainer(config: Config, ranks: Ranks, paths: RunPaths, cycle: int, accelerat
 
 
 def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths, cycle: int, raw: str,
-                den: str | None, beta: float, accelerator: str = "cpu", precision: str = "32-true") -> None:
-    """Train ``module`` for one cycle on ``(1 - beta) raw + beta den``, resuming from its last checkpoint."""
+                den: str | None, beta: float, accelerator: str = "cpu", precision: str = "32-true") -> list[dict]:
+    """Train ``module`` for one cycle on ``(1 - beta) raw + beta den``, resuming from its last checkpoint.
+    Returns the state dicts of the networks whose outputs inference averages (``train.average_epochs``;
+    empty for 1: the module's own weights)."""
     c = config
     dataset = NeighbourPatches(
         raw, den, beta, batch_size=c.train.batch_size, borders=c.data.borders, target=c.train.target,
@@ -191,8 +215,10 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*IterableDataset.*__len__.*")
         batches = loader(dataset, config, lambda: module.device, pin_memory=accelerator == "gpu")
+        snapshots = EpochSnapshots(c.train.average_epochs) if c.train.average_epochs > 1 else None
         try:
-            trainer(config, ranks, paths, cycle, accelerator, precision, len(dataset)).fit(
+            trainer(config, ranks, paths, cycle, accelerator, precision, len(dataset), snapshots).fit(
                 module, train_dataloaders=batches, ckpt_path=str(ckpt) if ckpt.exists() else None)
         finally:
             batches.close()
+    return [] if snapshots is None else snapshots.members
