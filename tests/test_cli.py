@@ -18,6 +18,7 @@ import zarr
 
 from stemdist.cli import main
 from stemdist.quality.metrics import relative_rmse
+from stemdist.train.module import split_weights
 
 from .conftest import SMOKE, run_cli
 
@@ -240,7 +241,7 @@ def test_five_by_five_window_trains_denoises_and_predicts(tmp_path, smoke_cube):
             "--set", "model.window=5", "--set", "data.borders=copy")
     import torch
 
-    weights = torch.load(run / "unet_denoiser.pt", map_location="cpu")
+    weights, _ = split_weights(torch.load(run / "unet_denoiser.pt", map_location="cpu"))
     assert [w.shape[1] for w in weights.values() if w.ndim == 4][0] == 24  # the first convolution's inputs
     group = zarr.open_group(str(run / "denoised.zarr"), mode="r")
     raw = zarr.open_array(str(smoke_cube / "noisy"), mode="r")[...]
@@ -311,7 +312,7 @@ def test_auto_network_size_follows_the_counts_per_pattern(tmp_path, dose, width,
     assert f"counts per pattern, {'below' if width == 16 else 'at or above'} 85)" in log
     import torch
 
-    weights = torch.load(run / "unet_denoiser.pt", map_location="cpu")
+    weights, _ = split_weights(torch.load(run / "unet_denoiser.pt", map_location="cpu"))
     assert [w.shape[0] for w in weights.values() if w.ndim == 4][0] == width  # the first convolution's outputs
     from stemdist.layout import read_losses
 
