@@ -221,6 +221,14 @@ def test_predict_refuses_an_incomplete_cube(npy_input, uninterrupted, tmp_path):
     assert not (tmp_path / "p.zarr").exists()
 
 
+def assert_resumes_to(whole: Path, npy_input: Path, run: Path, args: list[str], fault: str) -> None:
+    """A run of ``args`` killed (``kill -9``) at ``fault`` and resumed ends with ``whole``'s final cube."""
+    killed = run_cli("denoise", str(npy_input), "--out", str(run), *args, env={"STEMDIST_FAULT": fault}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_cli("denoise", str(npy_input), "--out", str(run), *args, "--resume")
+    np.testing.assert_allclose(final_of(run), final_of(whole), rtol=1e-4, atol=1e-4)
+
+
 def test_weight_average_is_the_network_used_and_survives_kill_9(npy_input, tmp_path):
     """train.ema: the cycle's weights are Lightning's moving average (kept in the checkpoint beside the last
     step's), and a run killed mid-cycle resumes to the same cube."""
@@ -237,12 +245,7 @@ def test_weight_average_is_the_network_used_and_survives_kill_9(npy_input, tmp_p
     assert used.keys() == average.keys() and all(torch.equal(used[k], average[k]) for k in used)
     assert not all(torch.allclose(used[k], last[k]) for k in used)  # the average, not the last step
     assert ckpt["averaging_state"]["n_averaged"].item() == ckpt["global_step"] - ckpt["global_step"] // 3
-    run = tmp_path / "run"
-    killed = run_cli("denoise", str(npy_input), "--out", str(run), *ema, env={"STEMDIST_FAULT": "train:1:1"},
-                     check=False)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    run_cli("denoise", str(npy_input), "--out", str(run), *ema, "--resume")
-    np.testing.assert_allclose(final_of(run), final_of(whole), rtol=1e-4, atol=1e-4)
+    assert_resumes_to(whole, npy_input, tmp_path / "run", ema, "train:1:1")
 
 
 def test_output_average_is_the_network_used_and_survives_kill_9(npy_input, tmp_path):
@@ -272,9 +275,4 @@ def test_output_average_is_the_network_used_and_survives_kill_9(npy_input, tmp_p
     shutil.copyfile(whole / "config.yaml", alone / "config.yaml")
     run_cli("predict", str(alone / "w.pt"), raw, str(tmp_path / "alone.zarr"), "--quiet")
     assert np.abs(zarr.open_array(str(tmp_path / "alone.zarr"), mode="r")[...] - cycle).max() > 1e-3
-    run = tmp_path / "run"
-    killed = run_cli("denoise", str(npy_input), "--out", str(run), *avg, env={"STEMDIST_FAULT": "train:1:2"},
-                     check=False)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    run_cli("denoise", str(npy_input), "--out", str(run), *avg, "--resume")
-    np.testing.assert_allclose(final_of(run), final_of(whole), rtol=1e-4, atol=1e-4)
+    assert_resumes_to(whole, npy_input, tmp_path / "run", avg, "train:1:2")
