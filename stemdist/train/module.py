@@ -147,11 +147,9 @@ class OutputAverage(nn.Module):
 
 
 def averaged(module: Denoiser, members: list[dict]) -> nn.Module:
-    """What inference runs: ``module`` itself for one member or none (its weights as they are), else the
-    :class:`OutputAverage` of copies of its network holding each member's weights."""
+    """What inference runs: ``module`` itself for one member or none (the one member is the weights it holds),
+    else the :class:`OutputAverage` of copies of its network holding each member's weights."""
     if len(members) <= 1:
-        if members:
-            module.net.load_state_dict(members[0])
         return module
     nets = []
     for state in members:
