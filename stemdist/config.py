@@ -81,6 +81,9 @@ class TrainConfig(Section):
     # the network used is the mean of the outputs of the networks at the end of the last this many Poisson
     # epochs (1: the last epoch's, the reference); their counts scatter from epoch to epoch (README, Quality)
     average_epochs: int = Field(4, ge=1, le=32)
+    # this fraction of the probe positions (at most 4,096) are never targets; the network's Poisson loss on them
+    # after each Poisson epoch picks which epochs' networks are used (the average_epochs lowest; 0: the last ones)
+    holdout: float = Field(0.05, ge=0, le=0.25)
     # clip each step's gradient to this global norm (Lightning's gradient_clip_val; 0: no clipping)
     grad_clip: float = Field(0.0, ge=0)
     mean_weight: float = Field(0.0, ge=0)  # reference: 0.02 (weight of the per-pattern mean MSE)

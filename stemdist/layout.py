@@ -26,7 +26,7 @@ CONFIG = "config.yaml"
 REPORT = "report"
 LOSSES = "losses.csv"
 LEFTOVERS = {"input.zarr", "input.zarr.partial", REPORT, ".lock", CONFIG, DENOISED}  # an interrupted set-up
-LOSS_COLUMNS = ("cycle", "epoch", "phase", "loss", "seconds", "grad_norm")
+LOSS_COLUMNS = ("cycle", "epoch", "phase", "loss", "seconds", "grad_norm", "heldout")
 COMPLETE = "complete"  # attribute set on an array once every chunk of it is written
 
 
@@ -157,17 +157,21 @@ def is_complete(arr) -> bool:
 
 
 def append_loss(path: Path, row: dict[str, Any]) -> None:
-    """One epoch's row of the loss log (kept across resumes)."""
-    new = not path.exists()
+    """One epoch's row of the loss log (kept across resumes; a log begun by an earlier version keeps its columns)."""
+    columns = LOSS_COLUMNS
+    if path.exists():
+        with open(path) as f:
+            columns = tuple(f.readline().strip().split(","))
     with open(path, "a") as f:
-        if new:
-            f.write(",".join(LOSS_COLUMNS) + "\n")
-        f.write(",".join(str(row[c]) for c in LOSS_COLUMNS) + "\n")
+        if not path.stat().st_size:
+            f.write(",".join(columns) + "\n")
+        f.write(",".join(str(row.get(c, "")) for c in columns) + "\n")
 
 
 def read_losses(root: str | Path) -> list[dict]:
     """Epoch losses of every cycle, one dict per (cycle, epoch): cycle, epoch, phase, loss, seconds, grad_norm
-    (the epoch's largest gradient norm before clipping; NaN where not logged).
+    (the epoch's largest gradient norm before clipping) and heldout (the Poisson loss on held-out positions,
+    ``train.holdout``); NaN where not logged.
 
     From ``logs/losses.csv`` (a resumed epoch replaces the earlier row), or for runs of earlier versions
     from Lightning's ``logs/cycle_XX/[resumed_N/]metrics.csv``.
@@ -180,7 +184,8 @@ def read_losses(root: str | Path) -> list[dict]:
                 c, e = int(row["cycle"]), int(row["epoch"])
                 found[(c, e)] = {"cycle": c, "epoch": e, "phase": row.get("phase") or "poisson",
                                  "loss": float(row["loss"]), "seconds": float(row.get("seconds") or 0.0),
-                                 "grad_norm": float(row.get("grad_norm") or "nan")}
+                                 "grad_norm": float(row.get("grad_norm") or "nan"),
+                                 "heldout": float(row.get("heldout") or "nan")}
         return [found[k] for k in sorted(found)]
     for csv_path in sorted(paths.logs.glob("cycle_*/**/metrics.csv")):
         cycle = cycle_number(csv_path.relative_to(paths.logs).parts[0])
@@ -190,7 +195,8 @@ def read_losses(root: str | Path) -> list[dict]:
                     e = int(float(row["epoch"]))
                     warm = bool(float(row["warmup"])) if row.get("warmup") else False
                     found[(cycle, e)] = {"cycle": cycle, "epoch": e, "phase": "warmup" if warm else "poisson",
-                                         "loss": float(row["loss_epoch"]), "seconds": 0.0, "grad_norm": math.nan}
+                                         "loss": float(row["loss_epoch"]), "seconds": 0.0, "grad_norm": math.nan,
+                                         "heldout": math.nan}
     return [found[k] for k in sorted(found)]
 
 

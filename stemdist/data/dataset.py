@@ -25,7 +25,7 @@ import torch
 import zarr
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .tiles import BlockReader, Borders, Grid, flat_index, tile_positions
+from .tiles import BlockReader, Borders, Grid, flat_index, tile_of, tile_positions
 
 BAND = 2  # tile columns per band of the epoch's walk: its 3 rows x (BAND + 2) halo chunks fit data.cache_chunks
 RING_SPARE = 1  # shared buffers per worker beyond its prefetched groups (the one the consumer holds)
@@ -108,13 +108,16 @@ class NeighbourPatches(IterableDataset):
     array paths; the training cube is ``(1 - beta) raw + beta den``, computed on the fly. Targets are the
     centres of the same blend (``target="mix"``, ``targets`` empty) or of ``raw`` (``targets`` (n, B, P, Q)).
     ``buffer`` names the worker's shared buffer holding ``patterns`` and ``targets``: hand it to
-    :meth:`release` once the group is used up.
+    :meth:`release` once the group is used up. ``holdout`` (flat scan indices, sorted;
+    :func:`stemdist.data.tiles.holdout_positions`) are never targets; with ``heldout`` they are the only ones
+    (the validation set: its order is epoch 0's in every epoch).
     """
 
     def __init__(self, raw: str, den: str | None = None, beta: float = 0.0, *, batch_size: int = 32,
                  borders: Borders = "reflect", target: str = "mix", shuffle_tiles: int = 4,
                  cache_chunks: int = 12, num_workers: int = 0, seed: int = 0, cycle: int = 0,
-                 rank: int = 0, world_size: int = 1, prefetch_factor: int = 2, halo: int = 1):
+                 rank: int = 0, world_size: int = 1, prefetch_factor: int = 2, halo: int = 1,
+                 holdout: np.ndarray | None = None, heldout: bool = False):
         super().__init__()
         self.raw, self.den, self.beta = str(raw), None if den is None else str(den), float(beta)
         arr = zarr.open_array(self.raw, mode="r")
@@ -123,7 +126,11 @@ class NeighbourPatches(IterableDataset):
         self.shuffle_tiles, self.cache_chunks = shuffle_tiles, cache_chunks
         self.num_workers, self.seed, self.cycle = num_workers, seed, cycle
         self.rank, self.world_size = rank, world_size
+        self.holdout, self.heldout = holdout, heldout
         self.counts = self.grid.sample_counts(borders)
+        if holdout is not None:
+            held = np.bincount(tile_of(self.grid, holdout), minlength=self.grid.n_tiles)
+            self.counts = held if heldout else self.counts - held
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()  # seen by persistent workers
         # per worker, which of its reusable buffers the consumer still holds (set by workers, cleared by release)
         self._held = torch.zeros(max(1, num_workers), prefetch_factor + RING_SPARE, dtype=torch.int8).share_memory_()
@@ -215,7 +222,7 @@ class NeighbourPatches(IterableDataset):
             n_blocks = len(group) * slot[0] * slot[1]
             k, i, j = [], [], []
             for n, (t, a, b) in enumerate(group):
-                ti, tj = tile_positions(g, t, self.borders)
+                ti, tj = tile_positions(g, t, self.borders, self.holdout, self.heldout)
                 i.append(ti[a:b])
                 j.append(tj[a:b])
                 k.append(np.full(b - a, n))

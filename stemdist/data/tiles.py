@@ -212,9 +212,46 @@ def flat_index(k: np.ndarray, i: np.ndarray, j: np.ndarray, slot: tuple[int, int
     return (k[:, None] * slot[0] + ii) * slot[1] + jj
 
 
-def tile_positions(grid: Grid, t: int, borders: Borders) -> tuple[np.ndarray, np.ndarray]:
-    """Raster-ordered sample positions of tile ``t``, as indices inside the tile."""
+def tile_positions(grid: Grid, t: int, borders: Borders, holdout: np.ndarray | None = None,
+                   heldout: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Raster-ordered sample positions of tile ``t``, as indices inside the tile: all of them, or with
+    ``holdout`` (flat scan indices, sorted) those not in it, or with ``heldout`` only those in it."""
     y0, _, x0, _ = grid.bounds(t)
     sy0, sy1, sx0, sx1 = grid.sample_box(t, borders)
     ii, jj = np.meshgrid(np.arange(sy0, sy1) - y0, np.arange(sx0, sx1) - x0, indexing="ij")
-    return ii.ravel(), jj.ravel()
+    ii, jj = ii.ravel(), jj.ravel()
+    if holdout is None or (len(holdout) == 0 and not heldout):
+        return ii, jj
+    keep = np.isin((ii + y0) * grid.W + (jj + x0), holdout) == heldout
+    return ii[keep], jj[keep]
+
+
+def tile_of(grid: Grid, flat: np.ndarray) -> np.ndarray:
+    """Tile index (raster order) of each flat scan index ``y * W + x``."""
+    y, x = np.divmod(np.asarray(flat, np.int64), grid.W)
+    return (y // grid.ty) * grid.shape[1] + x // grid.tx
+
+
+HOLDOUT_MOST = 4096  # held-out positions at most: validation costs the same on any scan
+HOLDOUT_TILES = 64  # and they lie in at most this many tiles: each epoch's validation reads only those
+
+
+def holdout_positions(grid: Grid, borders: Borders, fraction: float, seed: int) -> np.ndarray:
+    """Flat scan indices (``y * W + x``, sorted) of the positions that are never training targets
+    (``train.holdout``): ``fraction`` of the sample positions, at most :data:`HOLDOUT_MOST`, drawn at random
+    (seeded) from at most :data:`HOLDOUT_TILES` random tiles. They stay inputs (neighbours of other targets);
+    the network's loss on them measures what it learnt rather than what noise it memorised."""
+    counts = grid.sample_counts(borders)
+    n = min(HOLDOUT_MOST, int(round(fraction * counts.sum())))
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    rng = np.random.default_rng([seed, 7])
+    tiles = np.flatnonzero(counts)
+    tiles = np.sort(rng.permutation(tiles)[:HOLDOUT_TILES]) if len(tiles) > HOLDOUT_TILES else tiles
+    flat = []
+    for t in tiles:
+        y0, _, x0, _ = grid.bounds(t)
+        i, j = tile_positions(grid, t, borders)
+        flat.append((i + y0) * grid.W + (j + x0))
+    flat = np.concatenate(flat)
+    return np.sort(rng.choice(flat, size=min(n, len(flat) // 2), replace=False))

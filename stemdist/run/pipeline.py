@@ -225,8 +225,8 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
             paths.cycle_weights(c).parent.mkdir(exist_ok=True)
             torch.save(weights_state(module, members), paths.cycle_weights(c))
             if len(members) > 1:
-                log.info("cycle %d: inference averages the outputs of the networks of its last %d epochs "
-                         "(train.average_epochs)", c, len(members))
+                log.info("cycle %d: inference averages the outputs of %d epochs' networks (train.average_epochs)",
+                         c, len(members))
             create_cube(str(paths.denoised), cycle_name(c), tuple(raw.shape), grid.tile, overwrite=True,
                         attrs={COMPLETE: False, "cycle": c, "beta": beta})
         rk.barrier()

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import ModelConfig, TrainConfig
 from ..data.tiles import neighbour_offsets
-from .losses import pixel_weights, poisson_loss, warmup_loss
+from .losses import pixel_weights, poisson_loss, poisson_nll, warmup_loss
 from .model import UNet
 
 UNRESOLVED = "{} 'auto' must be resolved first (stemdist.config.resolve_auto, from the cube's counts per pattern)"
@@ -64,6 +64,15 @@ class Denoiser(pl.LightningModule):
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
                  batch_size=len(x))
         return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """The Poisson NLL on held-out positions (``train.holdout``): never targets, so memorised noise does
+        not lower it. Not logged in the warm-up, whose output is z-scores."""
+        if self.in_warmup():
+            return
+        x, y = batch
+        self.log("heldout", poisson_nll(self(x).float(), y), on_step=False, on_epoch=True, sync_dist=True,
+                 batch_size=len(x))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the gradient's global norm before any clipping (``grad_norm``: the epoch's largest)."""

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 from .. import console, faults
 from ..config import Config
 from ..data.dataset import NeighbourPatches, split_group
+from ..data.tiles import holdout_positions
 from ..errors import InputError
 from ..layout import RunPaths, append_loss, cycle_name
 from .module import Denoiser, warmup_epochs
@@ -93,27 +95,43 @@ class LossLog(Callback):
                                 "phase": "warmup" if module.in_warmup() else "poisson",
                                 "loss": f"{float(trainer.callback_metrics['loss_epoch']):.6g}",
                                 "seconds": f"{time.perf_counter() - self.t0:.3f}",
-                                "grad_norm": f"{float(trainer.callback_metrics.get('grad_norm', math.nan)):.4g}"})
+                                "grad_norm": f"{float(trainer.callback_metrics.get('grad_norm', math.nan)):.4g}",
+                                "heldout": f"{float(trainer.callback_metrics.get('heldout', math.nan)):.6g}"})
 
 
 class EpochSnapshots(Callback):
-    """``train.average_epochs``: the network's weights (on the CPU) at the end of each of the last ``keep``
-    Poisson epochs; kept in the checkpoint, so a resumed cycle averages the same networks."""
+    """The networks inference uses: their weights (on the CPU) at the end of ``keep`` Poisson epochs, the last
+    ones, or with ``select`` those with the lowest Poisson loss on the held-out positions (``train.holdout``;
+    Lightning's validation runs before ``on_train_epoch_end``). Kept in the checkpoint, so a resumed cycle
+    uses the same networks."""
 
-    def __init__(self, keep: int):
-        self.keep, self.members = keep, []
+    def __init__(self, keep: int, select: bool = False):
+        self.keep, self.select = keep, select
+        self.members: list[dict] = []
+        self.epochs: list[int] = []
+        self.scores: list[float] = []
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if module.in_warmup():  # the warm-up's network predicts z-scores, not counts
             return
+        score = float(trainer.callback_metrics.get("heldout", math.nan)) if self.select else math.nan
         self.members.append({k: v.detach().to("cpu", copy=True) for k, v in module.net.state_dict().items()})
-        del self.members[:-self.keep]
+        self.epochs.append(trainer.current_epoch)
+        self.scores.append(score)
+        if self.select:  # lowest held-out loss first, the later epoch on a tie (or where none was logged)
+            keep = sorted(np.lexsort((-np.asarray(self.epochs), np.nan_to_num(self.scores, nan=np.inf)))[:self.keep])
+        else:
+            keep = range(len(self.members))[-self.keep:]
+        self.members, self.epochs, self.scores = ([v[i] for i in keep] for v in (self.members, self.epochs,
+                                                                                  self.scores))
 
     def state_dict(self) -> dict:
-        return {"members": self.members}
+        return {"members": self.members, "epochs": self.epochs, "scores": self.scores}
 
     def load_state_dict(self, state: dict) -> None:
-        self.members = list(state.get("members", []))[-self.keep:]
+        self.members = list(state.get("members", []))
+        self.epochs = list(state.get("epochs", [-1] * len(self.members)))
+        self.scores = list(state.get("scores", [math.nan] * len(self.members)))
 
 
 def loggers(paths: RunPaths, cycle: int) -> list:
@@ -143,9 +161,10 @@ def averaging(config: Config, steps_per_epoch: int) -> list[Callback]:
 
 
 def trainer(config: Config, ranks: Ranks, paths: RunPaths, cycle: int, accelerator: str,
-            precision: str, steps_per_epoch: int, snapshots: EpochSnapshots | None = None) -> pl.Trainer:
+            precision: str, steps_per_epoch: int, snapshots: EpochSnapshots | None = None,
+            validate: bool = False) -> pl.Trainer:
     """Lightning's Trainer for one cycle (DDP over the ranks when there are several); ``snapshots`` keeps the
-    networks that inference averages."""
+    networks that inference averages; ``validate``: the held-out loss after every epoch."""
     console.quiet_libraries()
     devices, num_nodes = (ranks.local_world_size, ranks.num_nodes) if ranks.world_size > 1 else (1, 1)
     strategy = config.hardware.strategy
@@ -173,6 +192,8 @@ def trainer(config: Config, ranks: Ranks, paths: RunPaths, cycle: int, accelerat
         enable_progress_bar=console.enabled(),
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        limit_val_batches=None if validate else 0,
+        check_val_every_n_epoch=1,
         log_every_n_steps=10,
         default_root_dir=paths.root,
     )
@@ -184,11 +205,17 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
     Returns the state dicts of the networks whose outputs inference averages (``train.average_epochs``;
     empty for 1: the module's own weights)."""
     c = config
-    dataset = NeighbourPatches(
-        raw, den, beta, batch_size=c.train.batch_size, borders=c.data.borders, target=c.train.target,
-        shuffle_tiles=c.data.shuffle_tiles, cache_chunks=c.data.cache_chunks, num_workers=c.data.num_workers,
-        seed=c.train.seed, cycle=cycle, rank=ranks.rank, world_size=ranks.world_size,
-        prefetch_factor=c.data.prefetch_factor, halo=c.model.halo)
+    common = dict(batch_size=c.train.batch_size, borders=c.data.borders, shuffle_tiles=c.data.shuffle_tiles,
+                  cache_chunks=c.data.cache_chunks, seed=c.train.seed, cycle=cycle, rank=ranks.rank,
+                  world_size=ranks.world_size, halo=c.model.halo)
+    dataset = NeighbourPatches(raw, den, beta, target=c.train.target, num_workers=c.data.num_workers,
+                               prefetch_factor=c.data.prefetch_factor, **common)
+    holdout = holdout_positions(dataset.grid, c.data.borders, c.train.holdout, c.train.seed)
+    if len(holdout):
+        dataset = NeighbourPatches(raw, den, beta, target=c.train.target, num_workers=c.data.num_workers,
+                                   prefetch_factor=c.data.prefetch_factor, holdout=holdout, **common)
+        # scored against the raw counts: a blend's targets would carry the network's own earlier output
+        heldout = NeighbourPatches(raw, den, beta, target="raw", holdout=holdout, heldout=True, **common)
     plan = dataset.plan(0)
     epochs = max(c.train.epochs, math.ceil(c.train.min_samples / max(plan.total, 1)))
     if epochs != c.train.epochs:
@@ -204,6 +231,9 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
         log.info("cycle %d: blend beta %.3f, %d samples per epoch, %d batches of %d per rank, %d repeated samples "
                  "to even out %d shards", cycle, beta if den else 0.0, plan.total, len(dataset), c.train.batch_size,
                  plan.repeats, dataset.n_shards)
+        if len(holdout):
+            log.info("cycle %d: %d probe positions held out (train.holdout %g): never targets, their Poisson loss "
+                     "picks the networks used", cycle, len(holdout), c.train.holdout)
     ckpt = paths.checkpoints(cycle) / "last.ckpt"
     if ckpt.exists():
         try:
@@ -215,10 +245,22 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*IterableDataset.*__len__.*")
         batches = loader(dataset, config, lambda: module.device, pin_memory=accelerator == "gpu")
-        snapshots = EpochSnapshots(c.train.average_epochs) if c.train.average_epochs > 1 else None
+        val = loader(heldout, config.model_copy(update={"data": c.data.model_copy(update={"num_workers": 0})}),
+                     lambda: module.device) if len(holdout) else None
+        select = val is not None and not c.train.ema
+        keep = c.train.average_epochs > 1 or select
+        snapshots = EpochSnapshots(c.train.average_epochs, select) if keep else None
         try:
-            trainer(config, ranks, paths, cycle, accelerator, precision, len(dataset), snapshots).fit(
-                module, train_dataloaders=batches, ckpt_path=str(ckpt) if ckpt.exists() else None)
+            trainer(config, ranks, paths, cycle, accelerator, precision, len(dataset), snapshots, val is not None).fit(
+                module, train_dataloaders=batches, val_dataloaders=val, ckpt_path=str(ckpt) if ckpt.exists() else None)
         finally:
             batches.close()
-    return [] if snapshots is None else snapshots.members
+    if snapshots is None:
+        return []
+    if ranks.is_main and select:
+        log.info("cycle %d: the networks used are those of epochs %s (held-out loss %s)", cycle,
+                 ", ".join(str(e + 1) for e in snapshots.epochs), ", ".join(f"{v:.6g}" for v in snapshots.scores))
+    if len(snapshots.members) == 1:  # the one network used: the module's own weights from here on
+        module.net.load_state_dict(snapshots.members[0])
+        return []
+    return snapshots.members
