@@ -60,6 +60,8 @@ def test_overrides_are_typed():
     (["model.base_width=0"], "model.base_width: must be an integer >= 1 or auto; got 0"),
     (["train.warmup_epochs=-1"], "train.warmup_epochs: must be an integer >= 0 or auto; got -1"),
     (["train.average_epochs=0"], "train.average_epochs must be >= 1"),
+    (["train.holdout=0.5"], "train.holdout must be <= 0.25"),
+    (["train.holdout=-0.1"], "train.holdout must be >= 0"),
     (["train.ema=0.99"], "train.ema 0.99 and train.average_epochs 4 are two ways to average"),
 ])
 def test_bad_values_name_the_key(pairs, needle):

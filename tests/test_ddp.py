@@ -52,11 +52,19 @@ def test_torchrun_two_processes(tmp_path, smoke_cube):
     """The README's recipe: torchrun --nproc-per-node 2 -m stemdist denoise ..."""
     run = tmp_path / "run"
     check(torchrun("denoise", str(smoke_cube / "noisy"), "--out", str(run), *SMOKE, "--accelerator", "cpu",
-                   "--set", "model.base_width=auto", "--set", "train.warmup_epochs=auto"))
+                   "--set", "model.base_width=auto", "--set", "train.warmup_epochs=auto", "--epochs", "10",
+                   "--set", "train.average_epochs=2", "--set", "train.holdout=0.2"))
     assert_complete_run(run, 2)
     log = (run / "stemdist.log").read_text()
-    assert "8 batches of 16 per rank" in log  # 256 samples over 2 ranks
+    assert "7 batches of 16 per rank" in log  # 256 - 51 held-out samples over 2 ranks
     assert "network: model.base_width 24, train.warmup_epochs 4 (auto: " in log  # both ranks built the same net
+    assert "51 probe positions held out" in log and "the networks used are those of epochs" in log
+    # both ranks used the networks rank 0 saved: one process predicting cycle 2 from its input gives its cube
+    den = zarr.open_group(str(run / "denoised.zarr"), mode="r")
+    out = tmp_path / "again.zarr"
+    cmd = [sys.executable, "-m", "stemdist", "predict", str(run), str(run / "denoised.zarr" / "cycle_01"), str(out)]
+    check(subprocess.run([*cmd, "--quiet"], env=env(), text=True, capture_output=True, timeout=600))
+    np.testing.assert_allclose(zarr.open_array(str(out), mode="r")[...], den["cycle_02"][...], rtol=1e-4, atol=1e-4)
 
 
 def test_devices_flag_launches_itself(tmp_path, small_cube):

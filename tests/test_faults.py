@@ -249,12 +249,13 @@ def test_weight_average_is_the_network_used_and_survives_kill_9(npy_input, tmp_p
 
 
 def test_output_average_is_the_network_used_and_survives_kill_9(npy_input, tmp_path):
-    """train.average_epochs: the cycle's cube is the mean of the outputs of its last Poisson epochs' networks
-    (kept in the checkpoint), predict rebuilds the same average, and a run killed mid-cycle resumes to the
-    same cube."""
+    """train.average_epochs (no holdout): the cycle's cube is the mean of the outputs of its last Poisson epochs'
+    networks (kept in the checkpoint), predict rebuilds the same average, and a run killed mid-cycle resumes to
+    the same cube."""
     import torch
 
-    avg = [*SMOKE, "--cycles", "1", "--epochs", "4", "--set", "data.tile=4", "--set", "train.average_epochs=2"]
+    avg = [*SMOKE, "--cycles", "1", "--epochs", "4", "--set", "data.tile=4", "--set", "train.average_epochs=2",
+           "--set", "train.holdout=0"]
     whole = tmp_path / "whole"
     run_cli("denoise", str(npy_input), "--out", str(whole), *avg)
     used = torch.load(whole / "weights" / "cycle_01.pt", map_location="cpu")
@@ -276,3 +277,57 @@ def test_output_average_is_the_network_used_and_survives_kill_9(npy_input, tmp_p
     run_cli("predict", str(alone / "w.pt"), raw, str(tmp_path / "alone.zarr"), "--quiet")
     assert np.abs(zarr.open_array(str(tmp_path / "alone.zarr"), mode="r")[...] - cycle).max() > 1e-3
     assert_resumes_to(whole, npy_input, tmp_path / "run", avg, "train:1:2")
+
+
+def test_held_out_loss_picks_the_networks_used_and_survives_kill_9(npy_input, tmp_path):
+    """train.holdout: each Poisson epoch's loss on the held-out positions is logged, the networks averaged are
+    those of the epochs where it was lowest (kept in the checkpoint), and a run killed mid-cycle resumes to the
+    same cube."""
+    import torch
+
+    from stemdist.layout import read_losses
+
+    args = [*SMOKE, "--cycles", "1", "--epochs", "6", "--set", "data.tile=4", "--set", "train.average_epochs=2",
+            "--set", "train.holdout=0.2"]
+    whole = tmp_path / "whole"
+    run_cli("denoise", str(npy_input), "--out", str(whole), *args)
+    rows = read_losses(whole)
+    poisson = [r for r in rows if r["phase"] == "poisson"]
+    assert len(poisson) == 5 and all(np.isfinite(r["heldout"]) for r in poisson)
+    assert all(np.isnan(r["heldout"]) for r in rows if r["phase"] == "warmup")
+    best = sorted(r["epoch"] for r in sorted(poisson, key=lambda r: r["heldout"])[:2])
+    ckpt = torch.load(whole / "checkpoints" / "cycle_01" / "last.ckpt", map_location="cpu", weights_only=False)
+    kept = ckpt["callbacks"]["EpochSnapshots"]
+    assert kept["epochs"] == best
+    np.testing.assert_allclose(kept["scores"], [r["heldout"] for r in poisson if r["epoch"] in best], rtol=1e-5)
+    used = torch.load(whole / "weights" / "cycle_01.pt", map_location="cpu")
+    assert all(torch.equal(u[k], m[k]) for u, m in zip(used["average"], kept["members"], strict=True) for k in u)
+    log = (whole / "stemdist.log").read_text()
+    assert f"the networks used are those of epochs {best[0] + 1}, {best[1] + 1} " in log
+    assert_resumes_to(whole, npy_input, tmp_path / "run", args, "train:1:3")
+
+
+def test_snapshots_keep_the_lowest_held_out_losses():
+    """EpochSnapshots with ``select``: the ``keep`` Poisson epochs with the lowest held-out loss, in epoch order,
+    whatever order they came in; without, the last ``keep``; warm-up epochs never."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from stemdist.train.trainer import EpochSnapshots
+
+    net = torch.nn.Linear(1, 1)
+    scores = [9.0, 3.0, 1.0, 2.0, 5.0, 0.5, 4.0]  # epoch 0 is the warm-up's
+    for select, expected in ((True, [2, 3, 5]), (False, [4, 5, 6])):
+        snaps = EpochSnapshots(3, select)
+        for epoch, score in enumerate(scores):
+            with torch.no_grad():
+                net.weight.fill_(epoch)
+            trainer = SimpleNamespace(current_epoch=epoch, callback_metrics={"heldout": torch.tensor(score)},
+                                      strategy=SimpleNamespace(broadcast=lambda v: v))
+            snaps.on_train_epoch_end(trainer, SimpleNamespace(in_warmup=lambda e=epoch: e == 0, net=net))
+        assert snaps.epochs == expected
+        assert [float(m["weight"]) for m in snaps.members] == expected
+        restored = EpochSnapshots(3, select)
+        restored.load_state_dict(snaps.state_dict())
+        assert restored.epochs == expected and restored.scores == snaps.scores

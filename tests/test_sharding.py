@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from stemdist.data.dataset import NeighbourPatches, epoch_order, plan_shards
-from stemdist.data.tiles import Grid, tile_positions
+from stemdist.data.tiles import HOLDOUT_TILES, Grid, holdout_positions, tile_of, tile_positions
 from stemdist.io.zarr_store import create_cube
 from stemdist.train.trainer import Batches
 
@@ -69,6 +69,53 @@ def test_real_loaders_over_ranks_and_workers_cover_each_position_once(tmp_path):
     assert set(seen) == set(key.values())
     assert sum(seen.values()) - 70 == ds.plan(3).repeats
     assert torch.is_tensor(y)
+
+
+@pytest.mark.parametrize("borders", ["reflect", "copy"])
+def test_held_out_positions_are_never_targets_and_are_the_validation_set(tmp_path, borders):
+    """Over two ranks with loader workers: training targets skip the held-out positions, in every epoch; the
+    held-out set's targets are exactly them (raw counts, even when training targets are a blend), and they
+    still appear as neighbours."""
+    shape = (13, 11, 3, 3)
+    data = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)  # pixel (0, 0) identifies a position
+    create_cube(tmp_path / "raw.zarr", None, shape, 4, "float32")[...] = data
+    create_cube(tmp_path / "den.zarr", None, shape, 4, "float32")[...] = -data
+    raw, den = str(tmp_path / "raw.zarr"), str(tmp_path / "den.zarr")
+    key = {float(data[i, j, 0, 0]): (i, j) for i in range(13) for j in range(11)}
+    grid = Grid(13, 11, 4, 4)
+    held = holdout_positions(grid, borders, 0.1, seed=3)
+    positions = {(int(y), int(x)) for y, x in zip(*np.divmod(held, 11), strict=True)}
+    samples = {(i, j) for i in range(13) for j in range(11)
+               if borders == "reflect" or (0 < i < 12 and 0 < j < 10)}
+    assert len(held) == round(0.1 * len(samples)) and positions <= samples
+    assert np.array_equal(held, holdout_positions(grid, borders, 0.1, seed=3))
+    assert not np.array_equal(held, holdout_positions(grid, borders, 0.1, seed=4))
+    train, neighbours = Counter(), set()
+    for rank in range(2):
+        ds = NeighbourPatches(raw, batch_size=4, num_workers=2, rank=rank, world_size=2, borders=borders,
+                              holdout=held)
+        for epoch in (0, 1):
+            ds.set_epoch(epoch)
+            for x, y in Batches(DataLoader(ds, batch_size=None, num_workers=2), len(ds)):
+                train.update(key[float(v)] for v in y[:, 0, 0, 0])
+                neighbours.update(key[float(v)] for v in x[:, :, 0, 0].flatten())
+    assert set(train) == samples - positions and positions <= neighbours
+    val = Counter()
+    for rank in range(2):
+        ds = NeighbourPatches(raw, den, 0.5, batch_size=4, rank=rank, world_size=2, borders=borders,
+                              holdout=held, heldout=True, target="raw")
+        for _, y in ds.batches():
+            val.update(key[float(v)] for v in y[:, 0, 0, 0])
+    assert set(val) == positions and sum(val.values()) - len(positions) == ds.plan(0).repeats
+
+
+def test_holdout_is_bounded_on_a_large_scan():
+    """A 1024 x 1024 scan: at most 4,096 held-out positions, in at most HOLDOUT_TILES tiles."""
+    grid = Grid(1024, 1024, 16, 16)
+    held = holdout_positions(grid, "reflect", 0.05, seed=0)
+    assert len(held) == 4096 and len(np.unique(held)) == 4096
+    assert len(np.unique(tile_of(grid, held))) <= HOLDOUT_TILES
+    assert len(holdout_positions(grid, "reflect", 0.0, seed=0)) == 0
 
 
 def _identity_cube(path, shape=(12, 12, 3, 3)):

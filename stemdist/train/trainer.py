@@ -114,7 +114,9 @@ class EpochSnapshots(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if module.in_warmup():  # the warm-up's network predicts z-scores, not counts
             return
-        score = float(trainer.callback_metrics.get("heldout", math.nan)) if self.select else math.nan
+        score = math.nan
+        if self.select:  # rank 0's (synced over ranks already): every rank must keep the same networks
+            score = trainer.strategy.broadcast(float(trainer.callback_metrics.get("heldout", math.nan)))
         self.members.append({k: v.detach().to("cpu", copy=True) for k, v in module.net.state_dict().items()})
         self.epochs.append(trainer.current_epoch)
         self.scores.append(score)
