@@ -119,7 +119,8 @@ def patterns_figure(path: str | Path, cubes: dict[str, object], positions: list[
 
 
 def loss_figure(path: str | Path, root: str | Path) -> Path | None:
-    """Epoch loss across cycles (warm-up epochs, a z-normalised MSE, on their own axis)."""
+    """Epoch loss across cycles (warm-up epochs, a z-normalised MSE, on their own axis), and the Poisson loss on
+    the held-out positions (``train.holdout``) where it was logged."""
     rows = read_losses(root)
     for r in rows:
         r["warmup"] = r["phase"] == "warmup"
@@ -133,8 +134,12 @@ def loss_figure(path: str | Path, root: str | Path) -> Path | None:
         xs = np.arange(x, x + len(rs))
         warm = np.array([r["warmup"] for r in rs])
         loss = np.array([r["loss"] for r in rs])
+        held = np.array([r.get("heldout", np.nan) for r in rs], dtype=float)
+        first = cycle == rows[0]["cycle"]  # one legend entry per curve
         if (~warm).any():
-            ax.plot(xs[~warm], loss[~warm], "o-", color="C0", ms=3)
+            ax.plot(xs[~warm], loss[~warm], "o-", color="C0", ms=3, label="training" if first else None)
+        if np.isfinite(held).any():
+            ax.plot(xs, held, "^--", color="C2", ms=3, label="held-out positions" if first else None)
         if warm.any():
             ax2 = ax2 or ax.twinx()
             ax2.plot(xs[warm], loss[warm], "s-", color="C1", ms=3)
@@ -146,6 +151,8 @@ def loss_figure(path: str | Path, root: str | Path) -> Path | None:
     if ax2 is not None:
         ax2.set_ylabel("warm-up loss (z-MSE)", color="C1")
     ax.set_title("training loss per epoch across cycles", fontsize=10, pad=14)
+    if any(np.isfinite(r.get("heldout", np.nan)) for r in rows):
+        ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

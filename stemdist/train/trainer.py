@@ -218,6 +218,10 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
                                    prefetch_factor=c.data.prefetch_factor, holdout=holdout, **common)
         # scored against the raw counts: a blend's targets would carry the network's own earlier output
         heldout = NeighbourPatches(raw, den, beta, target="raw", holdout=holdout, heldout=True, **common)
+        # the fewest batches, each as small as it can be: fewer than one repeated sample per batch and rank
+        fewest = heldout.plan(0)
+        common["batch_size"] = -(-fewest.total // (heldout.n_shards * fewest.batches))
+        heldout = NeighbourPatches(raw, den, beta, target="raw", holdout=holdout, heldout=True, **common)
     plan = dataset.plan(0)
     epochs = max(c.train.epochs, math.ceil(c.train.min_samples / max(plan.total, 1)))
     if epochs != c.train.epochs:
