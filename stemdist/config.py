@@ -18,9 +18,11 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 CHUNK_BYTES = 2 * 2**20  # target size of one uncompressed scan chunk when data.tile is null (stated once)
 # `auto` network size, from the raw cube's mean counts per pattern: below LOW_COUNTS the narrower network
 # with the shorter warm-up won on three simulated materials at doses 20 and 50 (and on MoS2 at 70), the wider one
-# at 100 and 500 (README, Quality: "Network size from the counts per pattern")
+# at 100 and 500 (README, Quality: "Network size from the counts per pattern"); the wider one trained on twice
+# the samples of a small scan won at 100 and 500 on three materials (README, Quality: "Twice the samples")
 LOW_COUNTS = 85.0
-AUTO = {("model", "base_width"): (16, 24), ("train", "warmup_epochs"): (2, 4)}  # (below LOW_COUNTS, at or above)
+AUTO = {("model", "base_width"): (16, 24), ("train", "warmup_epochs"): (2, 4),
+        ("train", "min_samples"): (30000, 60000)}  # (below LOW_COUNTS, at or above)
 Auto = Literal["auto"]
 AUTO_RULE = (f"auto: {', '.join(f'{k} {v[0]}' for (_, k), v in AUTO.items())} below {LOW_COUNTS:g} counts per "
              f"pattern, else {', '.join(str(v[1]) for v in AUTO.values())}")
@@ -68,8 +70,8 @@ class TrainConfig(Section):
     cycles: int = Field(1, ge=1)  # reference: 10; one long cycle measured better (README, Quality)
     epochs: int = Field(15, ge=1)
     # at least this many samples per cycle: a small scan gets more epochs (a 32 x 32 scan's 15 epochs are
-    # 480 optimiser steps, too few to train the network; a 256 x 256 scan's are 30,000)
-    min_samples: int = Field(30000, ge=0)
+    # 480 optimiser steps, too few to train the network; a 256 x 256 scan's are 30,000); auto: by LOW_COUNTS
+    min_samples: int | Auto = "auto"
     warmup_epochs: int | Auto = "auto"  # z-normalised MSE epochs before the Poisson loss; auto: by LOW_COUNTS
     batch_size: int = Field(32, ge=1)  # per device; the global batch is batch_size x world size
     lr: float = Field(1e-3, gt=0)  # Adam learning rate, applied as is whatever the world size
@@ -82,8 +84,10 @@ class TrainConfig(Section):
     # epochs (1: the last epoch's, the reference); their counts scatter from epoch to epoch (README, Quality)
     average_epochs: int = Field(4, ge=1, le=32)
     # this fraction of the probe positions (at most 4,096) are never targets; the network's Poisson loss on them
-    # after each Poisson epoch picks which epochs' networks are used (the average_epochs lowest; 0: the last ones)
-    holdout: float = Field(0.05, ge=0, le=0.25)
+    # after each Poisson epoch picks which epochs' networks are used (the average_epochs lowest; 0: the last ones).
+    # Off by default: it measures how the network does on positions it never fitted, not on the cube it denoises
+    # (README, Quality: held-out positions)
+    holdout: float = Field(0.0, ge=0, le=0.25)
     # clip each step's gradient to this global norm (Lightning's gradient_clip_val; 0: no clipping)
     grad_clip: float = Field(0.0, ge=0)
     mean_weight: float = Field(0.0, ge=0)  # reference: 0.02 (weight of the per-pattern mean MSE)
@@ -93,7 +97,7 @@ class TrainConfig(Section):
     match_counts: bool = True  # scale the output to the targets' counts before the first Poisson step (ref: off)
     seed: int = 0
 
-    @field_validator("warmup_epochs", mode="before")
+    @field_validator("warmup_epochs", "min_samples", mode="before")
     @classmethod
     def _warmup(cls, v: Any) -> Any:
         return _int_or_auto(v, 0)

@@ -17,7 +17,7 @@ def test_builtin_configs_load_and_differ_as_documented():
     assert (reference.train.batch_size, reference.train.lr, reference.model.base_width) == (32, 1e-3, 24)
     assert smoke.train.cycles * smoke.train.epochs <= 6
     # the reference runs its own epochs and takes the last cycle as it is; the default trains small scans longer
-    assert (reference.train.min_samples, reference.output.fuse) == (0, False) and default.train.min_samples > 0
+    assert (reference.train.min_samples, reference.output.fuse) == (0, False) and default.train.min_samples == "auto"
     assert smoke.train.min_samples == 0 and reference.model.head == "square"
 
 
@@ -26,8 +26,10 @@ def test_auto_sizes_resolve_from_the_counts_per_pattern_and_explicit_sizes_stay(
     assert (default.model.base_width, default.train.warmup_epochs) == ("auto", "auto")
     low, said = cfg.resolve_auto(default, 48.0)
     assert (low.model.base_width, low.train.warmup_epochs) == (16, 2) and "48 counts per pattern, below 85" in said
+    assert low.train.min_samples == 30000 and "train.min_samples 30000" in said
     high, said = cfg.resolve_auto(default, cfg.LOW_COUNTS)
     assert (high.model.base_width, high.train.warmup_epochs) == (24, 4) and "at or above 85" in said
+    assert high.train.min_samples == 60000
     mixed, said = cfg.resolve_auto(cfg.load("default", cfg.parse_overrides(["model.base_width=32"])), 10.0)
     assert (mixed.model.base_width, mixed.train.warmup_epochs) == (32, 2) and said.startswith("train.warmup_epochs 2")
     reference = cfg.load("reference")
@@ -54,7 +56,7 @@ def test_overrides_are_typed():
     (["output.fuse_by=pixels"], "output.fuse_by must be one of bright_field, regions"),
     (["model.head=softplus"], "model.head must be one of square, mean_exp"),
     (["train.relative_weight=2"], "train.relative_weight must be <= 1"),
-    (["train.min_samples=-5"], "train.min_samples must be >= 0"),
+    (["train.min_samples=-5"], "train.min_samples: must be an integer >= 0 or auto; got -5"),
     (["train.grad_clip=-1"], "train.grad_clip must be >= 0"),
     (["model.base_width=wide"], "model.base_width: must be an integer >= 1 or auto; got 'wide'"),
     (["model.base_width=0"], "model.base_width: must be an integer >= 1 or auto; got 0"),
@@ -84,4 +86,4 @@ def test_epochs_given_as_a_flag_are_the_epochs_run():
     c = cfg.apply(cfg.load("default"), cfg.shortcut_overrides({"epochs": 2}))
     assert (c.train.epochs, c.train.min_samples) == (2, 0)
     c = cfg.load("default", cfg.parse_overrides(["train.epochs=2"]))
-    assert (c.train.epochs, c.train.min_samples) == (2, 30000)
+    assert (c.train.epochs, c.train.min_samples) == (2, "auto")
