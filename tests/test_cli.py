@@ -308,7 +308,7 @@ def test_auto_network_size_follows_the_counts_per_pattern(tmp_path, dose, width,
     saved = cfg.load(run / "config.yaml")
     assert (saved.model.base_width, saved.train.warmup_epochs) == (width, warmup)
     log = (run / "stemdist.log").read_text()
-    assert f"network: model.base_width {width}, train.warmup_epochs {warmup} (auto: " in log
+    assert f"sized from the counts: model.base_width {width}, train.warmup_epochs {warmup} (auto: " in log
     assert f"counts per pattern, {'below' if width == 16 else 'at or above'} 85)" in log
     import torch
 

@@ -57,7 +57,8 @@ def test_torchrun_two_processes(tmp_path, smoke_cube):
     assert_complete_run(run, 2)
     log = (run / "stemdist.log").read_text()
     assert "7 batches of 16 per rank" in log  # 256 - 51 held-out samples over 2 ranks
-    assert "network: model.base_width 24, train.warmup_epochs 4 (auto: " in log  # both ranks built the same net
+    # both ranks built the same network
+    assert "sized from the counts: model.base_width 24, train.warmup_epochs 4 (auto: " in log
     assert "51 probe positions held out" in log and "the networks used are those of epochs" in log
     # both ranks used the networks rank 0 saved: one process predicting cycle 2 from its input gives its cube
     den = zarr.open_group(str(run / "denoised.zarr"), mode="r")

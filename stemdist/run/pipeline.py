@@ -197,7 +197,7 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
         setup_logging(None, verbose=False)
     config, sized = resolve_auto(config, mean_counts(info))
     if sized and ranks.is_main:
-        log.info("network: %s", sized)
+        log.info("sized from the counts: %s", sized)
     raw = zarr.open_array(info["raw"], mode="r")
     grid = Grid.of(raw)  # the one grid: training tiles, inference tiles and output chunks
     C = config.train.cycles
