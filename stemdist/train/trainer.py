@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import zarr
 from pytorch_lightning.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 from .. import console, faults
 from ..config import Config
 from ..data.dataset import NeighbourPatches, split_group
-from ..data.tiles import holdout_positions
+from ..data.tiles import Grid, holdout_positions
 from ..errors import InputError
 from ..layout import RunPaths, append_loss, cycle_name
 from .module import Denoiser, warmup_epochs
@@ -210,17 +211,15 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
     common = dict(batch_size=c.train.batch_size, borders=c.data.borders, shuffle_tiles=c.data.shuffle_tiles,
                   cache_chunks=c.data.cache_chunks, seed=c.train.seed, cycle=cycle, rank=ranks.rank,
                   world_size=ranks.world_size, halo=c.model.halo)
+    grid = Grid.of(zarr.open_array(raw, mode="r"), c.model.halo)
+    holdout = holdout_positions(grid, c.data.borders, c.train.holdout, c.train.seed)
     dataset = NeighbourPatches(raw, den, beta, target=c.train.target, num_workers=c.data.num_workers,
-                               prefetch_factor=c.data.prefetch_factor, **common)
-    holdout = holdout_positions(dataset.grid, c.data.borders, c.train.holdout, c.train.seed)
+                               prefetch_factor=c.data.prefetch_factor, holdout=holdout, **common)
     if len(holdout):
-        dataset = NeighbourPatches(raw, den, beta, target=c.train.target, num_workers=c.data.num_workers,
-                                   prefetch_factor=c.data.prefetch_factor, holdout=holdout, **common)
+        # the fewest batches per rank, each as small as it can be: fewer than one repeated sample per batch
+        batches = math.ceil(len(holdout) / (ranks.world_size * c.train.batch_size))
+        common["batch_size"] = math.ceil(len(holdout) / (ranks.world_size * batches))
         # scored against the raw counts: a blend's targets would carry the network's own earlier output
-        heldout = NeighbourPatches(raw, den, beta, target="raw", holdout=holdout, heldout=True, **common)
-        # the fewest batches, each as small as it can be: fewer than one repeated sample per batch and rank
-        fewest = heldout.plan(0)
-        common["batch_size"] = -(-fewest.total // (heldout.n_shards * fewest.batches))
         heldout = NeighbourPatches(raw, den, beta, target="raw", holdout=holdout, heldout=True, **common)
     plan = dataset.plan(0)
     epochs = max(c.train.epochs, math.ceil(c.train.min_samples / max(plan.total, 1)))
