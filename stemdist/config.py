@@ -94,6 +94,9 @@ class TrainConfig(Section):
     sum_weight: float = Field(0.0, ge=0)  # reference: 0.01 (weight of the per-pattern sum MSE)
     target: Literal["mix", "raw"] = "mix"  # what the network learns to predict in each cycle
     relative_weight: float = Field(0.0, ge=0, le=1)  # Poisson loss per pixel x (mean / pixel's mean) ** this
+    # each batch moved by a random flip or transpose of the scan window: none (the reference); scan (the
+    # neighbours permuted only); joint (the patterns flipped with them: scan and detector axes aligned)
+    augment: Literal["none", "scan", "joint"] = "none"
     match_counts: bool = True  # scale the output to the targets' counts before the first Poisson step (ref: off)
     seed: int = 0
 
@@ -146,6 +149,9 @@ class Config(Section):
     def _consistent(self) -> Config:
         if self.output.final == "mean" and self.output.keep_cycles != "all":
             raise ValueError("output.final: mean averages every cycle, so it needs output.keep_cycles: all")
+        if self.train.augment == "joint" and self.model.head == "mean_exp":
+            raise ValueError("train.augment: joint flips the patterns, which model.head: mean_exp's fixed mean pattern "
+                             "does not follow: use train.augment: scan, or model.head: square")
         if self.train.ema and self.train.average_epochs > 1:
             raise ValueError(f"train.ema {self.train.ema:g} and train.average_epochs {self.train.average_epochs} are "
                              "two ways to average a cycle's networks: set train.average_epochs: 1 to use the EMA")

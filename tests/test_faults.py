@@ -331,3 +331,16 @@ def test_snapshots_keep_the_lowest_held_out_losses():
         restored = EpochSnapshots(3, select)
         restored.load_state_dict(snaps.state_dict())
         assert restored.epochs == expected and restored.scores == snaps.scores
+
+
+def test_augmented_training_is_used_and_survives_kill_9(npy_input, uninterrupted, tmp_path):
+    """train.augment: joint moves the batches (the run differs from the same run without it), and each step's
+    move depends on the step alone, so a run killed mid-cycle resumes to the same cube."""
+    import yaml
+
+    aug = [*QUICK, "--set", "train.augment=joint"]
+    whole = tmp_path / "whole"
+    run_cli("denoise", str(npy_input), "--out", str(whole), *aug)
+    assert yaml.safe_load((whole / "config.yaml").read_text())["train"]["augment"] == "joint"
+    assert np.abs(final_of(whole) - final_of(uninterrupted)).max() > 1e-3
+    assert_resumes_to(whole, npy_input, tmp_path / "run", aug, "train:1:1")

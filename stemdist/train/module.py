@@ -13,6 +13,7 @@ from ..config import ModelConfig, TrainConfig
 from ..data.tiles import neighbour_offsets
 from .losses import pixel_weights, poisson_loss, poisson_nll, warmup_loss
 from .model import UNet
+from .symmetry import augment, draw, element_of, transform_patterns
 
 UNRESOLVED = "{} 'auto' must be resolved first (stemdist.config.resolve_auto, from the cube's counts per pattern)"
 
@@ -32,6 +33,7 @@ class Denoiser(pl.LightningModule):
             raise ValueError(UNRESOLVED.format("model.base_width"))
         self.net = UNet(len(neighbour_offsets(model.halo)), model.base_width, model.depth, model.head)
         self.train_cfg = train
+        self.halo = model.halo
         self.channels_last = channels_last
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -51,6 +53,9 @@ class Denoiser(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        mode = self.train_cfg.augment
+        moved = element_of(mode, x.shape, draw(self.train_cfg.seed, self.global_step, self.global_rank))
+        x, y = augment(x, y, mode, self.halo, moved)
         if not self.in_warmup() and self.train_cfg.match_counts and not self.counts_matched:
             self.match_counts(x, y)
         pred = self(x).float()
@@ -60,6 +65,8 @@ class Denoiser(pl.LightningModule):
             weight = None
             if self.train_cfg.relative_weight:
                 weight = pixel_weights(self.net.mean_pattern, self.train_cfg.relative_weight)
+                if mode == "joint":  # the target's pixels moved
+                    weight = transform_patterns(weight, moved)
             loss = poisson_loss(pred, y, self.train_cfg.mean_weight, self.train_cfg.sum_weight, weight)
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
                  batch_size=len(x))

@@ -249,6 +249,7 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*IterableDataset.*__len__.*")
+        warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")  # validation runs with train.holdout only
         batches = loader(dataset, config, lambda: module.device, pin_memory=accelerator == "gpu")
         val = loader(heldout, config.model_copy(update={"data": c.data.model_copy(update={"num_workers": 0})}),
                      lambda: module.device) if len(holdout) else None
