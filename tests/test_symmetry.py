@@ -8,7 +8,8 @@ import torch
 
 from stemdist.config import ConfigError, load
 from stemdist.data.tiles import neighbour_offsets
-from stemdist.train.module import Denoiser
+from stemdist.train.model import UNet
+from stemdist.train.module import Denoiser, OutputAverage
 from stemdist.train.symmetry import ELEMENTS, augment, draw, element_of, elements, restore_patterns, transform_patterns
 
 
@@ -69,3 +70,24 @@ def test_joint_augmentation_with_the_mean_exp_head_is_refused():
     assert load(None, {"model": {"head": "mean_exp"}, "train": {"augment": "scan"}}).train.augment == "scan"
     with pytest.raises(ConfigError, match="train.augment"):
         load(None, {"train": {"augment": "rotate"}})
+
+
+@pytest.mark.parametrize("mode", ["joint", "scan"])
+def test_averaged_networks_each_see_the_cube_moved_another_way(mode):
+    """Member k predicts the centre from the window moved by element k, put back: for ``joint`` that is the
+    network run on the moved cube, its output moved back."""
+    torch.manual_seed(0)
+    a = np.random.default_rng(1).random((9, 9, 8, 8)).astype(np.float32)
+    nets = [UNet(8, 2, 1).eval() for _ in range(4)]
+    x, _ = sample(a, 1, 4, 4)
+    with torch.no_grad():
+        got = OutputAverage(nets, augment=mode, halo=1)(x)
+        views = []
+        for k, net in enumerate(nets):
+            if mode == "joint":
+                views.append(restore_patterns(net(sample(moved_cube(a, ELEMENTS[k]), 1, 4, 4)[0]), ELEMENTS[k]))
+            else:
+                views.append(net(augment(x, x, "scan", 1, ELEMENTS[k])[0]))
+        plain = OutputAverage(nets)(x)
+    assert torch.allclose(got, torch.stack(views).mean(0), atol=1e-6)
+    assert not torch.allclose(got, plain, atol=1e-4)

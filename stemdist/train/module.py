@@ -13,7 +13,7 @@ from ..config import ModelConfig, TrainConfig
 from ..data.tiles import neighbour_offsets
 from .losses import pixel_weights, poisson_loss, poisson_nll, warmup_loss
 from .model import UNet
-from .symmetry import augment, draw, element_of, transform_patterns
+from .symmetry import Augment, augment, draw, element_of, move_window, moved_back, transform_patterns
 
 UNRESOLVED = "{} 'auto' must be resolved first (stemdist.config.resolve_auto, from the cube's counts per pattern)"
 
@@ -146,19 +146,26 @@ def cosine_factor(step: int, start: int, total: int) -> float:
 class OutputAverage(nn.Module):
     """The mean of several networks' outputs (``train.average_epochs``): the networks at the end of a cycle's
     last Poisson epochs. Each one's counts scatter by up to ~10% from epoch to epoch at a constant learning
-    rate; their mean does not, where averaging the *weights* would lower the counts (the output is squared)."""
+    rate; their mean does not, where averaging the *weights* would lower the counts (the output is squared).
+    Networks trained on moved samples (``train.augment``) each see the window moved another way (member ``k``:
+    element ``k`` of the group), their outputs moved back: more views at no extra cost."""
 
-    def __init__(self, members: list[nn.Module], channels_last: bool = False):
+    def __init__(self, members: list[nn.Module], channels_last: bool = False, augment: Augment = "none",
+                 halo: int = 1):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.channels_last = channels_last
+        self.augment, self.halo = augment, halo
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out = self.members[0](x).float()
-        for m in self.members[1:]:
-            out += m(x).float()
+        out = None
+        for k, member in enumerate(self.members):
+            element = element_of(self.augment, x.shape, k)
+            xk = move_window(x, self.augment, self.halo, element)
+            if self.channels_last:
+                xk = xk.contiguous(memory_format=torch.channels_last)
+            yk = moved_back(member(xk).float(), self.augment, element)
+            out = yk if out is None else out + yk
         return out / len(self.members)
 
 
@@ -172,7 +179,7 @@ def averaged(module: Denoiser, members: list[dict]) -> nn.Module:
         net = copy.deepcopy(module.net)
         net.load_state_dict(state)
         nets.append(net)
-    return OutputAverage(nets, module.channels_last)
+    return OutputAverage(nets, module.channels_last, module.train_cfg.augment, module.halo)
 
 
 def weights_state(module: Denoiser, members: list[dict]) -> dict:

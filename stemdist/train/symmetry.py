@@ -73,16 +73,27 @@ def element_of(mode: Augment, shape: tuple[int, ...], draw: int) -> Element:
     return group[draw % len(group)]
 
 
+def move_window(x: torch.Tensor, mode: Augment, halo: int, element: Element) -> torch.Tensor:
+    """Inputs ``(B, m, P, Q)`` moved by ``element``: the neighbours permuted, and for ``joint`` every pattern moved
+    on the detector too."""
+    if mode == "none" or element == ELEMENTS[0]:
+        return x
+    x = x[:, torch.as_tensor(channel_order(halo, element), device=x.device)]
+    return transform_patterns(x, element).contiguous() if mode == "joint" else x
+
+
 def augment(x: torch.Tensor, y: torch.Tensor, mode: Augment, halo: int, element: Element
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch ``(x (B, m, P, Q), y (B, 1, P, Q))`` moved by ``element``: the neighbours permuted, and for ``joint``
-    every pattern moved on the detector too."""
-    if mode == "none" or element == ELEMENTS[0]:
-        return x, y
-    x = x[:, torch.as_tensor(channel_order(halo, element), device=x.device)]
-    if mode == "joint":
-        x, y = transform_patterns(x, element), transform_patterns(y, element)
-    return x.contiguous(), y.contiguous()
+    """Batch ``(x (B, m, P, Q), y (B, 1, P, Q))`` moved by ``element`` (the target moves on the detector with
+    ``joint``)."""
+    if mode == "joint" and element != ELEMENTS[0]:
+        y = transform_patterns(y, element).contiguous()
+    return move_window(x, mode, halo, element), y
+
+
+def moved_back(out: torch.Tensor, mode: Augment, element: Element) -> torch.Tensor:
+    """A prediction for moved inputs put back in the cube's frame (with ``scan`` the patterns never moved)."""
+    return restore_patterns(out, element) if mode == "joint" else out
 
 
 def draw(seed: int, step: int, rank: int) -> int:
