@@ -13,7 +13,7 @@ from ..config import ModelConfig, TrainConfig
 from ..data.tiles import neighbour_offsets
 from .losses import pixel_weights, poisson_loss, poisson_nll, warmup_loss
 from .model import UNet
-from .symmetry import Augment, augment, draw, element_of, move_window, moved_back, transform_patterns
+from .symmetry import ELEMENTS, Augment, augment, draw, element_of, move_window, moved_back, transform_patterns
 
 UNRESOLVED = "{} 'auto' must be resolved first (stemdist.config.resolve_auto, from the cube's counts per pattern)"
 
@@ -54,8 +54,10 @@ class Denoiser(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         mode = self.train_cfg.augment
-        moved = element_of(mode, x.shape, draw(self.train_cfg.seed, self.global_step, self.global_rank))
-        x, y = augment(x, y, mode, self.halo, moved)
+        moved = ELEMENTS[0]  # the identity: no draw in the hot path unless augmenting
+        if mode != "none":
+            moved = element_of(mode, x.shape, draw(self.train_cfg.seed, self.global_step, self.global_rank))
+            x, y = augment(x, y, mode, self.halo, moved)
         if not self.in_warmup() and self.train_cfg.match_counts and not self.counts_matched:
             self.match_counts(x, y)
         pred = self(x).float()

@@ -10,6 +10,7 @@ whatever the window's orientation. The transpose is used only where the detector
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Literal
 
 import numpy as np
@@ -31,6 +32,7 @@ def transform_offsets(offsets: np.ndarray, element: Element) -> np.ndarray:
     return o * np.array([-1 if fi else 1, -1 if fj else 1])
 
 
+@cache
 def channel_order(halo: int, element: Element) -> np.ndarray:
     """``order`` such that ``x[:, order]`` are the neighbours of the transformed window: the channel of offset
     ``o`` takes the original neighbour at the offset that ``element`` moves onto ``o``."""
