@@ -53,6 +53,7 @@ class ModelConfig(Section):
     base_width: int | Auto = "auto"  # widths w, 2w, ... 16w; auto: by the counts per pattern (LOW_COUNTS)
     depth: int = Field(4, ge=1, le=8)
     head: Literal["square", "mean_exp"] = "square"  # square: the reference; mean_exp: mean pattern x exp(net)
+    mean_channel: bool = False  # a 9th input: the data's mean pattern (log level), where on the detector a pixel is
     window: Literal[3, 5] = 3  # the blind spot's neighbourhood: 3 x 3 (8 neighbours, the reference) or 5 x 5 (24)
 
     @field_validator("base_width", mode="before")
@@ -152,6 +153,9 @@ class Config(Section):
         if self.train.augment == "joint" and self.model.head == "mean_exp":
             raise ValueError("train.augment: joint flips the patterns, which model.head: mean_exp's fixed mean pattern "
                              "does not follow: use train.augment: scan, or model.head: square")
+        if self.train.augment == "joint" and self.model.mean_channel:
+            raise ValueError("train.augment: joint flips the patterns, which model.mean_channel's fixed mean pattern "
+                             "does not follow: use train.augment: scan, or model.mean_channel: false")
         if self.train.ema and self.train.average_epochs > 1:
             raise ValueError(f"train.ema {self.train.ema:g} and train.average_epochs {self.train.average_epochs} are "
                              "two ways to average a cycle's networks: set train.average_epochs: 1 to use the EMA")

@@ -352,3 +352,21 @@ def test_augmented_training_is_used_and_survives_kill_9(npy_input, tmp_path):
     np.testing.assert_allclose(zarr.open_array(str(tmp_path / "again.zarr"), mode="r")[...], cycle, rtol=1e-5,
                                atol=1e-5)
     assert_resumes_to(whole, npy_input, tmp_path / "run", aug, "train:1:1")
+
+
+def test_mean_channel_run_is_used_and_predict_rebuilds_it(npy_input, tmp_path):
+    """model.mean_channel: the network gets the mean pattern's level as a 9th input (the run differs from the
+    same run without it, config.yaml keeps it) and predict rebuilds that network from the saved weights."""
+    import yaml
+
+    args = [*SMOKE, "--cycles", "1", "--epochs", "3", "--set", "data.tile=4"]
+    level, plain = tmp_path / "level", tmp_path / "plain"
+    run_cli("denoise", str(npy_input), "--out", str(level), *args, "--set", "model.mean_channel=true")
+    run_cli("denoise", str(npy_input), "--out", str(plain), *args)
+    assert yaml.safe_load((level / "config.yaml").read_text())["model"]["mean_channel"] is True
+    assert np.abs(final_of(level) - final_of(plain)).max() > 1e-3
+    cycle = zarr.open_array(str(level / "denoised.zarr" / "cycle_01"), mode="r")[...]
+    raw = json.loads((level / "run.json").read_text())["raw"]
+    run_cli("predict", str(level), raw, str(tmp_path / "again.zarr"), "--quiet")
+    np.testing.assert_allclose(zarr.open_array(str(tmp_path / "again.zarr"), mode="r")[...], cycle, rtol=1e-5,
+                               atol=1e-5)

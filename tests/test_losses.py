@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from stemdist.train.losses import pixel_weights, poisson_loss, poisson_nll, warmup_loss, znorm
@@ -61,6 +62,26 @@ def test_pixel_weights_average_one_and_leave_the_poisson_minimiser_alone():
     best = counts.mean(0, keepdim=True).clone().requires_grad_(True)
     poisson_nll(best.expand_as(counts), counts, w).backward()
     assert best.grad.abs().max().item() < 1e-6
+
+
+def test_mean_channel_feeds_the_mean_patterns_level_and_keeps_it_with_the_weights(tmp_path):
+    torch.manual_seed(0)
+    net = UNet(8, 4, 2, mean_channel=True)
+    assert net.down[0][0].in_channels == 9  # the 8 neighbours and the level
+    x = torch.rand(3, 8, 20, 18)
+    with pytest.raises(ValueError, match="set_mean_pattern"):
+        net(x)
+    mean = torch.rand(20, 18) + 0.1
+    net.set_mean_pattern(mean)
+    out = net(x)
+    net.set_mean_pattern(mean * 7)  # the level is relative: the dose does not change it
+    assert torch.allclose(net(x), out, atol=1e-6)
+    net.set_mean_pattern(mean.flip(0))  # where the pattern is bright moves the output
+    assert not torch.allclose(net(x), out, atol=1e-4)
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    other = UNet(8, 4, 2, mean_channel=True)
+    other.load_state_dict(torch.load(tmp_path / "w.pt"))
+    assert torch.allclose(other(x), net(x))
 
 
 def test_mean_exp_head_starts_at_the_mean_pattern_and_keeps_it_with_the_weights(tmp_path):

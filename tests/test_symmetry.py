@@ -68,6 +68,8 @@ def test_joint_augmentation_with_the_mean_exp_head_is_refused():
     with pytest.raises(ConfigError, match="train.augment: joint"):
         load(None, {"model": {"head": "mean_exp"}, "train": {"augment": "joint"}})
     assert load(None, {"model": {"head": "mean_exp"}, "train": {"augment": "scan"}}).train.augment == "scan"
+    with pytest.raises(ConfigError, match="model.mean_channel"):
+        load(None, {"model": {"mean_channel": True}, "train": {"augment": "joint"}})
     with pytest.raises(ConfigError, match="train.augment"):
         load(None, {"train": {"augment": "rotate"}})
 

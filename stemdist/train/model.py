@@ -34,13 +34,14 @@ class UNet(nn.Module):
     cropped back.
     """
 
-    def __init__(self, in_channels: int = 8, base_width: int = 24, depth: int = 4, head: Head = "square"):
+    def __init__(self, in_channels: int = 8, base_width: int = 24, depth: int = 4, head: Head = "square",
+                 mean_channel: bool = False):
         super().__init__()
         if head not in ("square", "mean_exp"):
             raise ValueError(f"unknown head {head!r} (square, mean_exp)")
         widths = [base_width * 2**k for k in range(depth + 1)]
-        self.depth, self.head_kind = depth, head
-        ins = [in_channels] + widths[:-2]
+        self.depth, self.head_kind, self.mean_channel = depth, head, mean_channel
+        ins = [in_channels + int(mean_channel)] + widths[:-2]
         self.down = nn.ModuleList(block(cin, cout) for cin, cout in zip(ins, widths[:-1], strict=True))
         self.bottleneck = block(widths[-2], widths[-1])
         self.up = nn.ModuleList(nn.ConvTranspose2d(widths[k + 1], widths[k], 2, stride=2) for k in range(depth))
@@ -70,11 +71,14 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         P, Q = x.shape[-2:]
+        if (self.head_kind == "mean_exp" or self.mean_channel) and self.mean_pattern.shape != (P, Q):
+            raise ValueError(f"the network's mean pattern is {tuple(self.mean_pattern.shape)}, "
+                             f"the patterns are {(P, Q)}: set_mean_pattern first")
         if self.head_kind == "mean_exp":
-            if self.mean_pattern.shape != (P, Q):
-                raise ValueError(f"the network's mean pattern is {tuple(self.mean_pattern.shape)}, "
-                                 f"the patterns are {(P, Q)}: set_mean_pattern first")
             x = x / self.mean_pattern.mean()
+        if self.mean_channel:  # where on the detector each pixel lies, as its expected level (log, dose-free)
+            level = torch.log(self.mean_pattern / self.mean_pattern.mean()) / 4
+            x = torch.cat([x, level.to(x.dtype).expand(x.shape[0], 1, P, Q)], dim=1)
         m = 2**self.depth
         x = F.pad(x, (0, -Q % m, 0, -P % m))
         skips = []

@@ -31,7 +31,8 @@ class Denoiser(pl.LightningModule):
         super().__init__()
         if model.base_width == "auto":
             raise ValueError(UNRESOLVED.format("model.base_width"))
-        self.net = UNet(len(neighbour_offsets(model.halo)), model.base_width, model.depth, model.head)
+        self.net = UNet(len(neighbour_offsets(model.halo)), model.base_width, model.depth, model.head,
+                        mean_channel=model.mean_channel)
         self.train_cfg = train
         self.halo = model.halo
         self.channels_last = channels_last
