@@ -53,7 +53,7 @@ class ModelConfig(Section):
     base_width: int | Auto = "auto"  # widths w, 2w, ... 16w; auto: by the counts per pattern (LOW_COUNTS)
     depth: int = Field(4, ge=1, le=8)
     head: Literal["square", "mean_exp"] = "square"  # square: the reference; mean_exp: mean pattern x exp(net)
-    mean_channel: bool = False  # a 9th input: the data's mean pattern (log level), where on the detector a pixel is
+    mean_channel: bool = False  # one more input: the mean pattern (log level), where on the detector a pixel is
     window: Literal[3, 5] = 3  # the blind spot's neighbourhood: 3 x 3 (8 neighbours, the reference) or 5 x 5 (24)
 
     @field_validator("base_width", mode="before")

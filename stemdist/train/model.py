@@ -30,6 +30,9 @@ class UNet(nn.Module):
       detector region learns in relative terms. ``m`` is a buffer (saved with the weights): set it with
       :meth:`set_mean_pattern` before training.
 
+    With ``mean_channel`` one more input channel holds ``log(m / mean(m)) / 4``: where on the detector each pixel lies,
+    as its expected level (needs :meth:`set_mean_pattern` too; measured worse, README, Quality).
+
     Any detector size works: the input is zero-padded to a multiple of ``2**depth`` and the output
     cropped back.
     """
