@@ -93,8 +93,8 @@ def predict_with(ranks: int, run: Path, cube: Path, out: Path) -> np.ndarray:
 def test_inference_is_the_same_for_1_2_3_ranks(tmp_path, small_cube):
     run = tmp_path / "run"
     check(subprocess.run([sys.executable, "-m", "stemdist", "denoise", str(small_cube / "noisy"), "--out", str(run),
-                          *SMOKE, "--cycles", "1", "--epochs", "1"], env=env(), text=True, capture_output=True,
-                         timeout=600))
+                          *SMOKE, "--cycles", "1", "--epochs", "1", "--set", "train.lr=1e-3"], env=env(), text=True,
+                         capture_output=True, timeout=600))  # lr 1e-3: the smoke's 3e-3 diverges in 6 steps here
     outs = [predict_with(n, run, small_cube, tmp_path / f"pred{n}.zarr") for n in (1, 2, 3)]
     assert outs[0].shape == (10, 9, 12, 10)
     assert outs[0].std() > 0
