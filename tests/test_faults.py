@@ -333,6 +333,14 @@ def test_snapshots_keep_the_lowest_held_out_losses():
         assert restored.epochs == expected and restored.scores == snaps.scores
 
 
+def assert_predict_rebuilds(run: Path, out: Path) -> None:
+    """``predict`` with the run's saved weights on its own input reproduces its cycle_01."""
+    cycle = zarr.open_array(str(run / "denoised.zarr" / "cycle_01"), mode="r")[...]
+    raw = json.loads((run / "run.json").read_text())["raw"]
+    run_cli("predict", str(run), raw, str(out), "--quiet")
+    np.testing.assert_allclose(zarr.open_array(str(out), mode="r")[...], cycle, rtol=1e-5, atol=1e-5)
+
+
 def test_augmented_training_is_used_and_survives_kill_9(npy_input, tmp_path):
     """train.augment: joint moves the batches (the run differs from the same run without it), the averaged
     networks each see another move at inference and predict rebuilds them, and each step's move depends on the
@@ -346,11 +354,7 @@ def test_augmented_training_is_used_and_survives_kill_9(npy_input, tmp_path):
     run_cli("denoise", str(npy_input), "--out", str(plain), *args)
     assert yaml.safe_load((whole / "config.yaml").read_text())["train"]["augment"] == "joint"
     assert np.abs(final_of(whole) - final_of(plain)).max() > 1e-3
-    cycle = zarr.open_array(str(whole / "denoised.zarr" / "cycle_01"), mode="r")[...]
-    raw = json.loads((whole / "run.json").read_text())["raw"]
-    run_cli("predict", str(whole), raw, str(tmp_path / "again.zarr"), "--quiet")
-    np.testing.assert_allclose(zarr.open_array(str(tmp_path / "again.zarr"), mode="r")[...], cycle, rtol=1e-5,
-                               atol=1e-5)
+    assert_predict_rebuilds(whole, tmp_path / "again.zarr")
     assert_resumes_to(whole, npy_input, tmp_path / "run", aug, "train:1:1")
 
 
@@ -365,8 +369,4 @@ def test_mean_channel_run_is_used_and_predict_rebuilds_it(npy_input, tmp_path):
     run_cli("denoise", str(npy_input), "--out", str(plain), *args)
     assert yaml.safe_load((level / "config.yaml").read_text())["model"]["mean_channel"] is True
     assert np.abs(final_of(level) - final_of(plain)).max() > 1e-3
-    cycle = zarr.open_array(str(level / "denoised.zarr" / "cycle_01"), mode="r")[...]
-    raw = json.loads((level / "run.json").read_text())["raw"]
-    run_cli("predict", str(level), raw, str(tmp_path / "again.zarr"), "--quiet")
-    np.testing.assert_allclose(zarr.open_array(str(tmp_path / "again.zarr"), mode="r")[...], cycle, rtol=1e-5,
-                               atol=1e-5)
+    assert_predict_rebuilds(level, tmp_path / "again.zarr")
