@@ -150,12 +150,11 @@ class Config(Section):
     def _consistent(self) -> Config:
         if self.output.final == "mean" and self.output.keep_cycles != "all":
             raise ValueError("output.final: mean averages every cycle, so it needs output.keep_cycles: all")
-        if self.train.augment == "joint" and self.model.head == "mean_exp":
-            raise ValueError("train.augment: joint flips the patterns, which model.head: mean_exp's fixed mean pattern "
-                             "does not follow: use train.augment: scan, or model.head: square")
-        if self.train.augment == "joint" and self.model.mean_channel:
-            raise ValueError("train.augment: joint flips the patterns, which model.mean_channel's fixed mean pattern "
-                             "does not follow: use train.augment: scan, or model.mean_channel: false")
+        fixed = [k for k, on in (("model.head: mean_exp", self.model.head == "mean_exp"),
+                                 ("model.mean_channel: true", self.model.mean_channel)) if on]
+        if self.train.augment == "joint" and fixed:
+            raise ValueError("train.augment: joint flips the patterns, which the fixed mean pattern of "
+                             f"{' and '.join(fixed)} does not follow: use train.augment: scan")
         if self.train.ema and self.train.average_epochs > 1:
             raise ValueError(f"train.ema {self.train.ema:g} and train.average_epochs {self.train.average_epochs} are "
                              "two ways to average a cycle's networks: set train.average_epochs: 1 to use the EMA")
