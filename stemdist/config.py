@@ -100,6 +100,9 @@ class TrainConfig(Section):
     augment: Literal["none", "scan", "joint"] = "none"
     match_counts: bool = True  # scale the output to the targets' counts before the first Poisson step (ref: off)
     seed: int = 0
+    # networks trained side by side from seeds seed, seed + 1, ...: inference averages their outputs (each one's
+    # train.average_epochs networks); costs this many times the training and inference (README, Quality: ensembles)
+    ensemble: int = Field(1, ge=1, le=16)
 
     @field_validator("warmup_epochs", "min_samples", mode="before")
     @classmethod

@@ -26,7 +26,7 @@ CONFIG = "config.yaml"
 REPORT = "report"
 LOSSES = "losses.csv"
 LEFTOVERS = {"input.zarr", "input.zarr.partial", REPORT, ".lock", CONFIG, DENOISED}  # an interrupted set-up
-LOSS_COLUMNS = ("cycle", "epoch", "phase", "loss", "seconds", "grad_norm", "heldout")
+LOSS_COLUMNS = ("cycle", "epoch", "phase", "loss", "seconds", "grad_norm", "heldout", "member")
 COMPLETE = "complete"  # attribute set on an array once every chunk of it is written
 
 
@@ -119,8 +119,10 @@ class RunPaths:
     def losses(self) -> Path:
         return self.logs / LOSSES
 
-    def checkpoints(self, c: int) -> Path:
-        return self.root / "checkpoints" / cycle_name(c)
+    def checkpoints(self, c: int, member: int = 0) -> Path:
+        """Cycle ``c``'s checkpoint folder; ensemble member ``k`` > 0 (``train.ensemble``) has its own inside."""
+        folder = self.root / "checkpoints" / cycle_name(c)
+        return folder / f"member_{member}" if member else folder
 
     @property
     def lock(self) -> Path:
@@ -169,23 +171,23 @@ def append_loss(path: Path, row: dict[str, Any]) -> None:
 
 
 def read_losses(root: str | Path) -> list[dict]:
-    """Epoch losses of every cycle, one dict per (cycle, epoch): cycle, epoch, phase, loss, seconds, grad_norm
-    (the epoch's largest gradient norm before clipping) and heldout (the Poisson loss on held-out positions,
-    ``train.holdout``); NaN where not logged.
+    """Epoch losses of every cycle, one dict per (cycle, member, epoch): cycle, epoch, phase, loss, seconds,
+    grad_norm (the epoch's largest gradient norm before clipping), heldout (the Poisson loss on held-out
+    positions, ``train.holdout``; NaN where not logged) and member (the ``train.ensemble`` network, 0 for one).
 
     From ``logs/losses.csv`` (a resumed epoch replaces the earlier row), or for runs of earlier versions
     from Lightning's ``logs/cycle_XX/[resumed_N/]metrics.csv``.
     """
     paths = RunPaths(Path(root))
-    found: dict[tuple[int, int], dict] = {}
+    found: dict[tuple[int, int, int], dict] = {}
     if paths.losses.exists():
         with open(paths.losses, newline="") as fh:
             for row in csv.DictReader(fh):
-                c, e = int(row["cycle"]), int(row["epoch"])
-                found[(c, e)] = {"cycle": c, "epoch": e, "phase": row.get("phase") or "poisson",
-                                 "loss": float(row["loss"]), "seconds": float(row.get("seconds") or 0.0),
-                                 "grad_norm": float(row.get("grad_norm") or "nan"),
-                                 "heldout": float(row.get("heldout") or "nan")}
+                c, e, m = int(row["cycle"]), int(row["epoch"]), int(row.get("member") or 0)
+                found[(c, m, e)] = {"cycle": c, "member": m, "epoch": e, "phase": row.get("phase") or "poisson",
+                                    "loss": float(row["loss"]), "seconds": float(row.get("seconds") or 0.0),
+                                    "grad_norm": float(row.get("grad_norm") or "nan"),
+                                    "heldout": float(row.get("heldout") or "nan")}
         return [found[k] for k in sorted(found)]
     for csv_path in sorted(paths.logs.glob("cycle_*/**/metrics.csv")):
         cycle = cycle_number(csv_path.relative_to(paths.logs).parts[0])
@@ -194,9 +196,10 @@ def read_losses(root: str | Path) -> list[dict]:
                 if row.get("loss_epoch"):
                     e = int(float(row["epoch"]))
                     warm = bool(float(row["warmup"])) if row.get("warmup") else False
-                    found[(cycle, e)] = {"cycle": cycle, "epoch": e, "phase": "warmup" if warm else "poisson",
-                                         "loss": float(row["loss_epoch"]), "seconds": 0.0, "grad_norm": math.nan,
-                                         "heldout": math.nan}
+                    found[(cycle, 0, e)] = {"cycle": cycle, "member": 0, "epoch": e,
+                                            "phase": "warmup" if warm else "poisson",
+                                            "loss": float(row["loss_epoch"]), "seconds": 0.0,
+                                            "grad_norm": math.nan, "heldout": math.nan}
     return [found[k] for k in sorted(found)]
 
 

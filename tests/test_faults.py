@@ -333,11 +333,13 @@ def test_snapshots_keep_the_lowest_held_out_losses():
         assert restored.epochs == expected and restored.scores == snaps.scores
 
 
-def assert_predict_rebuilds(run: Path, out: Path) -> None:
-    """``predict`` with the run's saved weights on its own input reproduces its cycle_01."""
-    cycle = zarr.open_array(str(run / "denoised.zarr" / "cycle_01"), mode="r")[...]
-    raw = json.loads((run / "run.json").read_text())["raw"]
-    run_cli("predict", str(run), raw, str(out), "--quiet")
+def assert_predict_rebuilds(run: Path, out: Path, cycles: int = 1) -> None:
+    """``predict`` with the run's saved weights (its last cycle's) on that cycle's input reproduces that cycle's
+    cube: the raw counts for one cycle, else the cycle before's cube (the last cycle blends with beta 1)."""
+    cycle = zarr.open_array(str(run / "denoised.zarr" / f"cycle_{cycles:02d}"), mode="r")[...]
+    source = (json.loads((run / "run.json").read_text())["raw"] if cycles == 1
+              else str(run / "denoised.zarr" / f"cycle_{cycles - 1:02d}"))
+    run_cli("predict", str(run), source, str(out), "--quiet")
     np.testing.assert_allclose(zarr.open_array(str(out), mode="r")[...], cycle, rtol=1e-5, atol=1e-5)
 
 
@@ -370,3 +372,38 @@ def test_mean_channel_run_is_used_and_predict_rebuilds_it(npy_input, tmp_path):
     assert yaml.safe_load((level / "config.yaml").read_text())["model"]["mean_channel"] is True
     assert np.abs(final_of(level) - final_of(plain)).max() > 1e-3
     assert_predict_rebuilds(level, tmp_path / "again.zarr")
+
+
+def test_ensemble_is_the_mean_of_its_seeds_runs_and_survives_kill_9(npy_input, tmp_path):
+    """train.ensemble: member k is the network a run with seed ``train.seed + k`` trains, so the first cycle's
+    cube is the mean of those runs' cubes; each member logs its own losses and keeps its own weights into the
+    next cycle (a run killed before the second cycle's first checkpoint resumes to the same cube, as does one
+    killed inside the second member), and predict rebuilds the average."""
+    import torch
+
+    from stemdist.layout import read_losses
+
+    args = [*SMOKE, "--cycles", "2", "--epochs", "3", "--set", "data.tile=4", "--set", "train.average_epochs=2"]
+    ens = [*args, "--set", "train.ensemble=2"]
+    whole, seed0, seed1 = tmp_path / "whole", tmp_path / "seed0", tmp_path / "seed1"
+    run_cli("denoise", str(npy_input), "--out", str(whole), *ens)
+    run_cli("denoise", str(npy_input), "--out", str(seed0), *args, "--cycles", "1")  # the same first cycle
+    run_cli("denoise", str(npy_input), "--out", str(seed1), *args, "--cycles", "1", "--set", "train.seed=1")
+    first = lambda run: zarr.open_array(str(run / "denoised.zarr" / "cycle_01"), mode="r")[...]  # noqa: E731
+    assert np.abs(first(seed0) - first(seed1)).max() > 1e-3  # the seeds differ ...
+    np.testing.assert_allclose(first(whole), (first(seed0) + first(seed1)) / 2, rtol=1e-4, atol=1e-4)  # ... and average
+    used = torch.load(whole / "weights" / "cycle_02.pt", map_location="cpu")
+    assert len(used["average"]) == 4 and len(used["lasts"]) == 2
+    assert not all(torch.equal(used["lasts"][0][k], used["lasts"][1][k]) for k in used["last"])
+    rows = read_losses(whole)
+    assert sorted((r["cycle"], r["member"]) for r in rows) == [(c, m) for c in (1, 2) for m in (0, 1) for _ in range(3)]
+    assert (whole / "checkpoints" / "cycle_02" / "member_1" / "last.ckpt").exists()
+    assert "inference averages the outputs of 4 networks" in (whole / "stemdist.log").read_text()
+    assert_predict_rebuilds(whole, tmp_path / "again.zarr", cycles=2)
+    run = tmp_path / "run"  # killed inside the second member, then before the second cycle's first checkpoint
+    for fault in ("train:1:1:member1", "train:2:0"):
+        killed = run_cli("denoise", str(npy_input), "--out", str(run), *ens, *(["--resume"] if run.exists() else []),
+                         env={"STEMDIST_FAULT": fault}, check=False)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_cli("denoise", str(npy_input), "--out", str(run), *ens, "--resume")
+    np.testing.assert_allclose(final_of(run), final_of(whole), rtol=1e-4, atol=1e-4)

@@ -131,10 +131,12 @@ def describe_source(path: Path, dataset: str | None, samples: int) -> dict[str, 
 
 
 def _epoch_losses(root: Path) -> dict[str, Any]:
-    """Per cycle, the first and last epoch loss (from the run's loss log)."""
+    """Per cycle (and ``train.ensemble`` member past the first), the first and last epoch loss (from the run's
+    loss log)."""
     per: dict[str, list[float]] = {}
     for r in read_losses(root):
-        per.setdefault(cycle_name(r["cycle"]), []).append(r["loss"])
+        name = cycle_name(r["cycle"]) + (f"/member_{r['member']}" if r["member"] else "")
+        per.setdefault(name, []).append(r["loss"])
     return {c: {"loss_epoch": {"first": v[0], "last": v[-1], "epochs": len(v)}} for c, v in per.items()}
 
 

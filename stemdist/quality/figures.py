@@ -119,8 +119,8 @@ def patterns_figure(path: str | Path, cubes: dict[str, object], positions: list[
 
 
 def loss_figure(path: str | Path, root: str | Path) -> Path | None:
-    """Epoch loss across cycles (warm-up epochs, a z-normalised MSE, on their own axis), and the Poisson loss on
-    the held-out positions (``train.holdout``) where it was logged."""
+    """Epoch loss across cycles and ensemble members (warm-up epochs, a z-normalised MSE, on their own axis),
+    and the Poisson loss on the held-out positions (``train.holdout``) where it was logged."""
     rows = read_losses(root)
     for r in rows:
         r["warmup"] = r["phase"] == "warmup"
@@ -129,13 +129,13 @@ def loss_figure(path: str | Path, root: str | Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax2 = None
     x = 0
-    for cycle in sorted({r["cycle"] for r in rows}):
-        rs = sorted((r for r in rows if r["cycle"] == cycle), key=lambda r: r["epoch"])
+    for cycle, member in sorted({(r["cycle"], r["member"]) for r in rows}):  # each ensemble member on its own
+        rs = sorted((r for r in rows if (r["cycle"], r["member"]) == (cycle, member)), key=lambda r: r["epoch"])
         xs = np.arange(x, x + len(rs))
         warm = np.array([r["warmup"] for r in rs])
         loss = np.array([r["loss"] for r in rs])
         held = np.array([r.get("heldout", np.nan) for r in rs], dtype=float)
-        first = cycle == rows[0]["cycle"]  # one legend entry per curve
+        first = (cycle, member) == (rows[0]["cycle"], rows[0]["member"])  # one legend entry per curve
         if (~warm).any():
             ax.plot(xs[~warm], loss[~warm], "o-", color="C0", ms=3, label="training" if first else None)
         if np.isfinite(held).any():
@@ -144,7 +144,8 @@ def loss_figure(path: str | Path, root: str | Path) -> Path | None:
             ax2 = ax2 or ax.twinx()
             ax2.plot(xs[warm], loss[warm], "s-", color="C1", ms=3)
         ax.axvline(x - 0.5, color="0.8", lw=0.8)
-        ax.text(x, 1.0, f"c{cycle}", transform=ax.get_xaxis_transform(), fontsize=7, va="bottom")
+        ax.text(x, 1.0, f"c{cycle}" + (f" m{member}" if member else ""), transform=ax.get_xaxis_transform(),
+                fontsize=7, va="bottom")
         x += len(rs)
     ax.set_xlabel("epoch (all cycles)")
     ax.set_ylabel("loss (Poisson NLL)", color="C0")

@@ -26,7 +26,7 @@ from ..io.zarr_store import create_cube, is_zarr, open_cube
 from ..layout import COMPLETE, LEFTOVERS, RUN_INFO, RunLock, RunPaths, cycle_name, is_complete, mark_complete
 from ..quality.figures import cycle_figure, denoised_figure, run_figures
 from ..quality.metrics import bright_field_mask, virtual_bf_lazy
-from ..train.module import Denoiser, averaged, split_weights, weights_state
+from ..train.module import Denoiser, averaged, ensemble_lasts, weights_state
 from ..train.trainer import train_cycle
 from . import hardware
 from . import ranks as rk
@@ -202,15 +202,14 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
     grid = Grid.of(raw)  # the one grid: training tiles, inference tiles and output chunks
     C = config.train.cycles
     device = hardware.device(config, ranks)
-    torch.manual_seed(config.train.seed)
     hardware.setup(config, ranks)
-    module = Denoiser(config.model, config.train, channels_last=hardware.channels_last(config))
-    module.net.set_mean_pattern(raw_mean_pattern(paths, raw))
-    if config.hardware.compile:
-        module.compile_net()
+    mean_pattern = raw_mean_pattern(paths, raw)
+    modules = [new_module(config, k, mean_pattern) for k in range(config.train.ensemble)]
     start = last_complete_cycle(paths, C) if resume else 0
     if start:
-        module.net.load_state_dict(split_weights(torch.load(paths.cycle_weights(start), map_location="cpu"))[0])
+        lasts = ensemble_lasts(torch.load(paths.cycle_weights(start), map_location="cpu"), len(modules))
+        for module, last in zip(modules, lasts, strict=True):
+            module.net.load_state_dict(last)
         if ranks.is_main:
             log.info("resuming after complete cycle %d of %d", start, C)
     raw_bf = np.load(paths.raw_bf) if ranks.is_main else None  # computed once, while checking the input
@@ -219,14 +218,19 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
         t0 = time.perf_counter()
         beta = c / C
         den = str(paths.cycle(c - 1)) if c > 1 else None  # cycle 1 blends raw with raw: the raw cube
-        members = train_cycle(module, config, ranks, paths, c, info["raw"], den, beta, hardware.accelerator(config),
-                              hardware.precision(config))
+        members = []
+        for k, module in enumerate(modules):
+            own = train_cycle(module, member_config(config, k), ranks, paths, c, info["raw"], den, beta,
+                              hardware.accelerator(config), hardware.precision(config), member=k)
+            members += own or ([{n: v.detach().clone() for n, v in module.net.state_dict().items()}]
+                               if len(modules) > 1 else [])
+        module = modules[0]
         if ranks.is_main:
             paths.cycle_weights(c).parent.mkdir(exist_ok=True)
-            torch.save(weights_state(module, members), paths.cycle_weights(c))
+            torch.save(weights_state(modules, members), paths.cycle_weights(c))
             if len(members) > 1:
-                log.info("cycle %d: inference averages the outputs of %d epochs' networks (train.average_epochs)",
-                         c, len(members))
+                log.info("cycle %d: inference averages the outputs of %d networks (train.average_epochs %d x "
+                         "train.ensemble %d)", c, len(members), config.train.average_epochs, len(modules))
             create_cube(str(paths.denoised), cycle_name(c), tuple(raw.shape), grid.tile, overwrite=True,
                         attrs={COMPLETE: False, "cycle": c, "beta": beta})
         rk.barrier()
@@ -241,7 +245,8 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
                            threads=hardware.io_threads(ranks.local_world_size), bf_mask=bf_mask,
                            halo=config.model.halo)
         del model
-        module.cpu().train()
+        for m in modules:
+            m.cpu().train()
         bf, totals = rk.sum_to_main(images)
         rk.barrier()
         rk.run_on_main(lambda c=c, totals=totals, out_arr=out_arr: check_cycle(paths, info, c, totals, out_arr), ranks)
@@ -260,6 +265,24 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
         finish(paths, config, raw, reference)
     rk.barrier()
     return paths
+
+
+def member_config(config: Config, k: int) -> Config:
+    """Ensemble member ``k``'s configuration: the run's, its seed ``train.seed + k``."""
+    if not k:
+        return config
+    return config.model_copy(update={"train": config.train.model_copy(update={"seed": config.train.seed + k})})
+
+
+def new_module(config: Config, k: int, mean_pattern: np.ndarray) -> Denoiser:
+    """Ensemble member ``k``'s LightningModule, initialised from the seed ``train.seed + k``: member ``k`` is the
+    network a run with that seed trains."""
+    torch.manual_seed(config.train.seed + k)
+    module = Denoiser(config.model, config.train, channels_last=hardware.channels_last(config))
+    module.net.set_mean_pattern(mean_pattern)
+    if config.hardware.compile:
+        module.compile_net()
+    return module
 
 
 def mean_counts(info: dict) -> float:

@@ -185,12 +185,14 @@ def averaged(module: Denoiser, members: list[dict]) -> nn.Module:
     return OutputAverage(nets, module.channels_last, module.train_cfg.augment, module.halo)
 
 
-def weights_state(module: Denoiser, members: list[dict]) -> dict:
+def weights_state(modules: list[Denoiser], members: list[dict]) -> dict:
     """What a weights file holds: the network's state dict, or with several members ``{"last": the live
-    weights (what the next cycle or a resume trains on), "average": the members}``."""
+    weights (what the next cycle or a resume trains on), "average": the members}``; with several modules
+    (``train.ensemble``) also ``"lasts"``, each one's live weights (``"last"`` is the first's)."""
+    lasts = [m.net.state_dict() for m in modules]
     if len(members) <= 1:
-        return module.net.state_dict()
-    return {"last": module.net.state_dict(), "average": members}
+        return lasts[0]
+    return {"last": lasts[0], "average": members, **({"lasts": lasts} if len(lasts) > 1 else {})}
 
 
 def split_weights(state: dict) -> tuple[dict, list[dict]]:
@@ -198,3 +200,11 @@ def split_weights(state: dict) -> tuple[dict, list[dict]]:
     if "last" in state and "average" in state:
         return state["last"], list(state["average"])
     return state, [state]
+
+
+def ensemble_lasts(state: dict, n: int) -> list[dict]:
+    """The live weights of each of the ``n`` ensemble members (``train.ensemble``) in a weights file."""
+    lasts = state.get("lasts") or [split_weights(state)[0]]
+    if len(lasts) != n:
+        raise ValueError(f"the weights file holds {len(lasts)} ensemble member(s), the run has train.ensemble {n}")
+    return list(lasts)

@@ -80,16 +80,17 @@ def loader(dataset: NeighbourPatches, config: Config, device: Callable[[], torch
 
 
 class LossLog(Callback):
-    """Appends one row per epoch to the run's loss log (cycle, epoch, phase, loss): survives resumes."""
+    """Appends one row per epoch to the run's loss log (cycle, epoch, phase, loss, ..., ensemble member):
+    survives resumes."""
 
-    def __init__(self, path: Path, cycle: int):
-        self.path, self.cycle, self.t0 = path, cycle, 0.0
+    def __init__(self, path: Path, cycle: int, member: int = 0):
+        self.path, self.cycle, self.member, self.t0 = path, cycle, member, 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.t0 = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        faults.point(f"train:{self.cycle}:{trainer.current_epoch}")
+        faults.point(f"train:{self.cycle}:{trainer.current_epoch}" + (f":member{self.member}" if self.member else ""))
         if trainer.global_rank != 0 or "loss_epoch" not in trainer.callback_metrics:
             return
         append_loss(self.path, {"cycle": self.cycle, "epoch": trainer.current_epoch,
@@ -97,7 +98,8 @@ class LossLog(Callback):
                                 "loss": f"{float(trainer.callback_metrics['loss_epoch']):.6g}",
                                 "seconds": f"{time.perf_counter() - self.t0:.3f}",
                                 "grad_norm": f"{float(trainer.callback_metrics.get('grad_norm', math.nan)):.4g}",
-                                "heldout": f"{float(trainer.callback_metrics.get('heldout', math.nan)):.6g}"})
+                                "heldout": f"{float(trainer.callback_metrics.get('heldout', math.nan)):.6g}",
+                                "member": self.member})
 
 
 class EpochSnapshots(Callback):
@@ -137,17 +139,20 @@ class EpochSnapshots(Callback):
         self.scores = list(state.get("scores", [math.nan] * len(self.members)))
 
 
-def loggers(paths: RunPaths, cycle: int) -> list:
+def loggers(paths: RunPaths, cycle: int, member: int = 0) -> list:
     name = cycle_name(cycle)
+    base = f"member_{member}" if member else ""  # an ensemble's later members log in their own folders
+    version = lambda attempt: "/".join(p for p in (base, f"resumed_{attempt}" if attempt else "") if p)  # noqa: E731
     attempt = 0  # a resumed cycle logs beside its first attempt, never over it
-    while (paths.logs / name / (f"resumed_{attempt}" if attempt else "") / "metrics.csv").exists():
+    while (paths.logs / name / version(attempt) / "metrics.csv").exists():
         attempt += 1
-    out = [CSVLogger(paths.logs, name=name, version=f"resumed_{attempt}" if attempt else "")]
+    out = [CSVLogger(paths.logs, name=name, version=version(attempt))]
     try:
         import tensorboard  # noqa: F401
         from pytorch_lightning.loggers import TensorBoardLogger
 
-        out.append(TensorBoardLogger(paths.logs, name="tensorboard", version=name))
+        out.append(TensorBoardLogger(paths.logs, name="tensorboard",
+                                     version=name + (f"_member_{member}" if member else "")))
     except ImportError:
         pass
     return out
@@ -165,9 +170,10 @@ def averaging(config: Config, steps_per_epoch: int) -> list[Callback]:
 
 def trainer(config: Config, ranks: Ranks, paths: RunPaths, cycle: int, accelerator: str,
             precision: str, steps_per_epoch: int, snapshots: EpochSnapshots | None = None,
-            validate: bool = False) -> pl.Trainer:
-    """Lightning's Trainer for one cycle (DDP over the ranks when there are several); ``snapshots`` keeps the
-    networks that inference averages; ``validate``: the held-out loss after every epoch."""
+            validate: bool = False, member: int = 0) -> pl.Trainer:
+    """Lightning's Trainer for one cycle of one ensemble ``member`` (DDP over the ranks when there are several);
+    ``snapshots`` keeps the networks that inference averages; ``validate``: the held-out loss after every
+    epoch."""
     console.quiet_libraries()
     devices, num_nodes = (ranks.local_world_size, ranks.num_nodes) if ranks.world_size > 1 else (1, 1)
     strategy = config.hardware.strategy
@@ -182,12 +188,12 @@ def trainer(config: Config, ranks: Ranks, paths: RunPaths, cycle: int, accelerat
         max_epochs=config.train.epochs,
         gradient_clip_val=config.train.grad_clip or None,
         gradient_clip_algorithm="norm",
-        logger=loggers(paths, cycle),
+        logger=loggers(paths, cycle, member),
         callbacks=[
             # one checkpoint, overwritten every epoch: what --resume continues from
-            ModelCheckpoint(dirpath=paths.checkpoints(cycle), filename="last", monitor=None, save_top_k=1,
+            ModelCheckpoint(dirpath=paths.checkpoints(cycle, member), filename="last", monitor=None, save_top_k=1,
                             every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False),
-            LossLog(paths.losses, cycle),
+            LossLog(paths.losses, cycle, member),
             *averaging(config, steps_per_epoch),
             *([snapshots] if snapshots is not None else []),
         ],
@@ -203,11 +209,13 @@ def trainer(config: Config, ranks: Ranks, paths: RunPaths, cycle: int, accelerat
 
 
 def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths, cycle: int, raw: str,
-                den: str | None, beta: float, accelerator: str = "cpu", precision: str = "32-true") -> list[dict]:
-    """Train ``module`` for one cycle on ``(1 - beta) raw + beta den``, resuming from its last checkpoint.
-    Returns the state dicts of the networks whose outputs inference averages (``train.average_epochs``;
-    empty for 1: the module's own weights)."""
+                den: str | None, beta: float, accelerator: str = "cpu", precision: str = "32-true",
+                member: int = 0) -> list[dict]:
+    """Train ``module`` (``train.ensemble`` member ``member``, its seed in ``config``) for one cycle on
+    ``(1 - beta) raw + beta den``, resuming from its last checkpoint. Returns the state dicts of the networks
+    whose outputs inference averages (``train.average_epochs``; empty for 1: the module's own weights)."""
     c = config
+    label = f"cycle {cycle}" + (f" member {member}" if member else "")  # for the log
     common = dict(batch_size=c.train.batch_size, borders=c.data.borders, shuffle_tiles=c.data.shuffle_tiles,
                   cache_chunks=c.data.cache_chunks, seed=c.train.seed, cycle=cycle, rank=ranks.rank,
                   world_size=ranks.world_size, halo=c.model.halo)
@@ -225,21 +233,21 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
     epochs = max(c.train.epochs, math.ceil(c.train.min_samples / max(plan.total, 1)))
     if epochs != c.train.epochs:
         if ranks.is_main:
-            log.info("cycle %d: %d epochs instead of train.epochs %d, so that it sees train.min_samples %d samples",
-                     cycle, epochs, c.train.epochs, c.train.min_samples)
+            log.info("%s: %d epochs instead of train.epochs %d, so that it sees train.min_samples %d samples",
+                     label, epochs, c.train.epochs, c.train.min_samples)
         c = config = c.model_copy(update={"train": c.train.model_copy(update={"epochs": epochs})})
     module.train_cfg = c.train
     if ranks.is_main and warmup_epochs(c.train) < c.train.warmup_epochs:
-        log.info("cycle %d: warm-up shortened from %d to %d of %d epochs, so that training ends on the Poisson "
-                 "loss", cycle, c.train.warmup_epochs, warmup_epochs(c.train), c.train.epochs)
+        log.info("%s: warm-up shortened from %d to %d of %d epochs, so that training ends on the Poisson "
+                 "loss", label, c.train.warmup_epochs, warmup_epochs(c.train), c.train.epochs)
     if ranks.is_main:
-        log.info("cycle %d: blend beta %.3f, %d samples per epoch, %d batches of %d per rank, %d repeated samples "
-                 "to even out %d shards", cycle, beta if den else 0.0, plan.total, len(dataset), c.train.batch_size,
+        log.info("%s: blend beta %.3f, %d samples per epoch, %d batches of %d per rank, %d repeated samples "
+                 "to even out %d shards", label, beta if den else 0.0, plan.total, len(dataset), c.train.batch_size,
                  plan.repeats, dataset.n_shards)
         if len(holdout):
-            log.info("cycle %d: %d probe positions held out (train.holdout %g): never targets, their Poisson loss "
-                     "picks the networks used", cycle, len(holdout), c.train.holdout)
-    ckpt = paths.checkpoints(cycle) / "last.ckpt"
+            log.info("%s: %d probe positions held out (train.holdout %g): never targets, their Poisson loss "
+                     "picks the networks used", label, len(holdout), c.train.holdout)
+    ckpt = paths.checkpoints(cycle, member) / "last.ckpt"
     if ckpt.exists():
         try:
             torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -257,14 +265,15 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
         keep = c.train.average_epochs > 1 or select
         snapshots = EpochSnapshots(c.train.average_epochs, select) if keep else None
         try:
-            trainer(config, ranks, paths, cycle, accelerator, precision, len(dataset), snapshots, val is not None).fit(
+            trainer(config, ranks, paths, cycle, accelerator, precision, len(dataset), snapshots, val is not None,
+                    member).fit(
                 module, train_dataloaders=batches, val_dataloaders=val, ckpt_path=str(ckpt) if ckpt.exists() else None)
         finally:
             batches.close()
     if snapshots is None:
         return []
     if ranks.is_main and select:
-        log.info("cycle %d: the networks used are those of epochs %s (held-out loss %s)", cycle,
+        log.info("%s: the networks used are those of epochs %s (held-out loss %s)", label,
                  ", ".join(str(e + 1) for e in snapshots.epochs), ", ".join(f"{v:.6g}" for v in snapshots.scores))
     if len(snapshots.members) == 1:  # the one network used: the module's own weights from here on
         module.net.load_state_dict(snapshots.members[0])
