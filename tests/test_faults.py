@@ -398,7 +398,7 @@ def test_ensemble_is_the_mean_of_its_seeds_runs_and_survives_kill_9(npy_input, t
     rows = read_losses(whole)
     assert sorted((r["cycle"], r["member"]) for r in rows) == [(c, m) for c in (1, 2) for m in (0, 1) for _ in range(3)]
     assert (whole / "checkpoints" / "cycle_02" / "member_1" / "last.ckpt").exists()
-    assert "inference averages the outputs of 4 networks" in (whole / "stemdist.log").read_text()
+    assert "inference averages the outputs of 4 networks: 2 seeds'" in (whole / "stemdist.log").read_text()
     assert_predict_rebuilds(whole, tmp_path / "again.zarr", cycles=2)
     run = tmp_path / "run"  # killed inside the second member, then before the second cycle's first checkpoint
     for fault in ("train:1:1:member1", "train:2:0"):

@@ -228,9 +228,12 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
         if ranks.is_main:
             paths.cycle_weights(c).parent.mkdir(exist_ok=True)
             torch.save(weights_state(modules, members), paths.cycle_weights(c))
-            if len(members) > 1:
-                log.info("cycle %d: inference averages the outputs of %d networks (train.average_epochs %d x "
-                         "train.ensemble %d)", c, len(members), config.train.average_epochs, len(modules))
+            if len(modules) > 1:
+                log.info("cycle %d: inference averages the outputs of %d networks: %d seeds' (train.ensemble), each "
+                         "its last epochs' (train.average_epochs)", c, len(members), len(modules))
+            elif len(members) > 1:
+                log.info("cycle %d: inference averages the outputs of %d epochs' networks (train.average_epochs)",
+                         c, len(members))
             create_cube(str(paths.denoised), cycle_name(c), tuple(raw.shape), grid.tile, overwrite=True,
                         attrs={COMPLETE: False, "cycle": c, "beta": beta})
         rk.barrier()
