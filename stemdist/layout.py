@@ -121,8 +121,7 @@ class RunPaths:
 
     def checkpoints(self, c: int, member: int = 0) -> Path:
         """Cycle ``c``'s checkpoint folder; ensemble member ``k`` > 0 (``train.ensemble``) has its own inside."""
-        folder = self.root / "checkpoints" / cycle_name(c)
-        return folder / f"member_{member}" if member else folder
+        return self.root / "checkpoints" / cycle_name(c) / member_name(member)
 
     @property
     def lock(self) -> Path:
@@ -168,6 +167,12 @@ def append_loss(path: Path, row: dict[str, Any]) -> None:
         if not path.stat().st_size:
             f.write(",".join(columns) + "\n")
         f.write(",".join(str(row.get(c, "")) for c in columns) + "\n")
+
+
+def member_name(member: int) -> str:
+    """The folder (under a cycle's checkpoints or logs) of ``train.ensemble`` member ``member``; "" for the first,
+    whose files stay where a run of one network keeps them."""
+    return f"member_{member}" if member else ""
 
 
 def read_losses(root: str | Path) -> list[dict]:

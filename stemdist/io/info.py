@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..layout import FINAL, RunPaths, cycle_name, cycle_number, is_complete, is_run_dir, read_losses
+from ..layout import FINAL, RunPaths, cycle_name, cycle_number, is_complete, is_run_dir, member_name, read_losses
 
 DEFAULT_SAMPLES = 8
 
@@ -135,7 +135,7 @@ def _epoch_losses(root: Path) -> dict[str, Any]:
     loss log)."""
     per: dict[str, list[float]] = {}
     for r in read_losses(root):
-        name = cycle_name(r["cycle"]) + (f"/member_{r['member']}" if r["member"] else "")
+        name = "/".join(p for p in (cycle_name(r["cycle"]), member_name(r["member"])) if p)
         per.setdefault(name, []).append(r["loss"])
     return {c: {"loss_epoch": {"first": v[0], "last": v[-1], "epochs": len(v)}} for c, v in per.items()}
 

@@ -23,7 +23,7 @@ from ..config import Config
 from ..data.dataset import NeighbourPatches, split_group
 from ..data.tiles import Grid, holdout_positions
 from ..errors import InputError
-from ..layout import RunPaths, append_loss, cycle_name
+from ..layout import RunPaths, append_loss, cycle_name, member_name
 from .module import Denoiser, warmup_epochs
 
 if TYPE_CHECKING:  # the run stage decides the hardware and the ranks; training only receives them
@@ -140,9 +140,11 @@ class EpochSnapshots(Callback):
 
 
 def loggers(paths: RunPaths, cycle: int, member: int = 0) -> list:
-    name = cycle_name(cycle)
-    base = f"member_{member}" if member else ""  # an ensemble's later members log in their own folders
-    version = lambda attempt: "/".join(p for p in (base, f"resumed_{attempt}" if attempt else "") if p)  # noqa: E731
+    name, folder = cycle_name(cycle), member_name(member)  # an ensemble's later members log in their own folders
+
+    def version(attempt: int) -> str:
+        return "/".join(p for p in (folder, f"resumed_{attempt}" if attempt else "") if p)
+
     attempt = 0  # a resumed cycle logs beside its first attempt, never over it
     while (paths.logs / name / version(attempt) / "metrics.csv").exists():
         attempt += 1
@@ -152,7 +154,7 @@ def loggers(paths: RunPaths, cycle: int, member: int = 0) -> list:
         from pytorch_lightning.loggers import TensorBoardLogger
 
         out.append(TensorBoardLogger(paths.logs, name="tensorboard",
-                                     version=name + (f"_member_{member}" if member else "")))
+                                     version="_".join(p for p in (name, folder) if p)))
     except ImportError:
         pass
     return out
