@@ -283,3 +283,60 @@ def test_share_width_is_chosen_below_the_cap_exact_shares_unsmoothed_noisy_ones_
     noisy = write(tmp_path, "noisy", (smooth * rng.gamma(4.0, 0.25, smooth.shape)).astype(np.float32), 8)
     assert fusion.choose_regions(raw_s, noisy, labels, mean, sectors=4, share_sigma=2.0).share_sigma == 2.0
     assert fusion.choose_regions(raw_s, noisy, labels, mean, sectors=4, share_sigma=0.0).share_sigma == 0.0
+
+
+# --- the Wiener step of the regions fusion ---------------------------------------------------------
+
+@pytest.mark.parametrize("sectors", range(1, 9))
+def test_sector_basis_is_orthonormal_and_its_first_harmonics_are_the_centre_of_mass(sectors):
+    basis = fusion.sector_basis(sectors)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(sectors), atol=1e-12)
+    np.testing.assert_allclose(basis[0], 1 / np.sqrt(sectors))
+    if sectors >= 3:  # a disk moved along +x (the detector's columns) shows in the cosine row only
+        P = 32
+        ky, kx = np.mgrid[:P, :P]
+        labels = fusion.detector_regions((P, P), (15.5, 15.5), 6.0, rings=(10.0,), sectors=sectors)
+        disk = (np.hypot(ky - 15.5, kx - 18.5) < 6).astype(float)
+        harmonics = basis @ np.bincount(labels.ravel(), disk.ravel(), minlength=sectors)[:sectors]
+        assert harmonics[1] > 0.2 * harmonics[0] and abs(harmonics[2]) < 0.05 * harmonics[1]
+
+
+def lattice(n: int = 48, level: float = 6.0) -> np.ndarray:
+    """An image of atomic columns on a lattice whose period is not a divisor of the scan."""
+    yy, xx = np.mgrid[:n, :n]
+    a = 5.3
+    return level * (1 + 0.9 * np.cos(2 * np.pi * (yy + 0.3 * xx) / a) * np.cos(2 * np.pi * (xx - 0.2 * yy) / a))
+
+
+def test_scan_wiener_keeps_a_lattice_that_no_gaussian_keeps():
+    rng = np.random.default_rng(11)
+    truth = lattice()
+    counts = rng.poisson(truth).astype(np.float64)
+    kept = counts.copy()
+    err = lambda e: float(np.sqrt(((e - truth) ** 2).mean()))  # noqa: E731
+    best_gaussian = min(err(ndimage.gaussian_filter(counts, s, mode="reflect")) for s in (0.5, 1, 1.5, 2, 3))
+    wiener = fusion.scan_wiener(counts, ndimage.gaussian_filter(counts, 1.0, mode="reflect"), counts.mean())
+    assert err(wiener) < 0.8 * best_gaussian
+    assert wiener.mean() == pytest.approx(counts.mean())
+    np.testing.assert_array_equal(counts, kept)  # the input is left alone
+    # a flat pilot: nothing but the counts' mean passes
+    np.testing.assert_allclose(fusion.scan_wiener(counts, np.ones_like(counts), 1.0), counts.mean())
+
+
+def test_regions_fusion_wiener_step_beats_the_fusion_without_it_on_a_lattice(tmp_path):
+    rng = np.random.default_rng(12)
+    raw_np, truth, halo, labels = disk_cube(rng, H=32, W=32, dose=60.0)
+    den_np = network_like(raw_np, halo)
+    raw, den = write(tmp_path, "raw", raw_np, 8), write(tmp_path, "den", den_np, 8)
+    sigma = sure.sure_sigma(raw_np.sum(axis=(2, 3)))
+    plans = {w: fusion.choose_regions(raw, den, labels, truth.mean(axis=(0, 1)), sectors=4, share_sigma=sigma / 2,
+                                      wiener=w) for w in (False, True)}
+    assert plans[True].describe()["wiener"] and "Wiener" in plans[True].summary()
+    fused = {w: plan.apply(raw_np, den_np) for w, plan in plans.items()}
+    ring = labels // 4 == 2  # the dark-field ring: a lattice-like halo
+    assert err_img(fused[True], truth, ring) < 0.8 * err_img(fused[False], truth, ring)
+    disk = labels // 4 == 0
+    ky = np.arange(16)[:, None] - 7.5 + 0 * labels
+    com = lambda c: (c[..., disk] * ky[disk]).sum(-1) / c[..., disk].sum(-1)  # noqa: E731
+    com_err = {w: float(((com(f) - com(truth)) ** 2).mean()) for w, f in fused.items()}
+    assert com_err[True] < com_err[False]

@@ -56,7 +56,7 @@ def fusion_plan(paths: RunPaths, config: Config, raw: zarr.Array, stack: da.Arra
     share_sigma = sure_sigma(np.load(paths.raw_bf)) / 2
     frame = config.model.halo if config.data.borders == "copy" else 0  # patterns copied through
     plan = fusion.plan_regions(raw, stack, raw_mean_pattern(paths, raw), config.output.fuse_sectors, share_sigma,
-                               halo=config.model.halo, frame=frame)
+                               halo=config.model.halo, frame=frame, wiener=config.output.fuse_wiener)
     return plan, f"chosen by SURE per detector region: {plan.summary()}"
 
 

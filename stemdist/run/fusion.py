@@ -19,7 +19,11 @@ from the data alone (no truth) with Stein's unbiased risk estimate (SURE, :mod:`
   is the network's, corrected by ``g' G_{s', d}`` of its residual, with ``(s', d, g')`` chosen by SURE
   over every pixel of sampled chunks. The correction of a region's total is spread over its pixels in
   proportion to the network's own pattern, so bright-field, dark-field and centre-of-mass images get the
-  smoothing their signal and noise call for, and the per-pixel detail its own.
+  smoothing their signal and noise call for, and the per-pixel detail its own. Last (``output.fuse_wiener``),
+  each ring's sector totals are taken apart into harmonics (the ring's total, its two centre-of-mass
+  dipoles, ...) and each harmonic's raw image is Wiener-filtered over the scan with the fused image's
+  spectrum as the pilot (:func:`wiener_regions`): a Gaussian passes only low spatial frequencies, a
+  crystal's images hold their signal in a few lattice frequencies, and the pilot says which.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from functools import cached_property
 import dask.array as da
 import numpy as np
 import zarr
-from scipy import ndimage
+from scipy import fft, ndimage
 
 from .. import faults
 from ..data.tiles import Grid
@@ -196,14 +200,16 @@ class RegionPlan:
                                     for s, g, src in c)
         return (f"total {total}; rings (s, g) [{split(self.choices['rings'])}]; sectors "
                 f"[{split(self.choices['sectors'])}]; shares s {self.share_sigma:g}; detail s {self.detail_sigma:g}, "
-                f"detector {self.detector_sigma:g}, g {self.detail_gain:.2f}")
+                f"detector {self.detector_sigma:g}, g {self.detail_gain:.2f}"
+                + ("; each ring's harmonics Wiener-filtered" if self.choices.get("wiener") else ""))
 
     def describe(self) -> dict:
         return {"total": dict(zip(("s1", "s2", "g", "w"), self.choices["total"], strict=True)),
                 "rings": [{"s": s, "g": g, "shares": src} for s, g, src in self.choices["rings"]],
                 "sectors": [{"s": s, "g": g, "shares": src} for s, g, src in self.choices["sectors"]],
                 "share_sigma": self.share_sigma, "detail_sigma": self.detail_sigma,
-                "detail_detector_sigma": self.detector_sigma, "detail_gain": self.detail_gain}
+                "detail_detector_sigma": self.detector_sigma, "detail_gain": self.detail_gain,
+                "wiener": bool(self.choices.get("wiener", False))}
 
 
 def region_images(raw, den, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -246,6 +252,47 @@ def split_choice(counts: np.ndarray, shares: dict[str, np.ndarray], counts_whole
     return best[:3]
 
 
+def sector_basis(sectors: int) -> np.ndarray:
+    """``(sectors, sectors)`` orthonormal rows over a ring's sectors: their sum, then the cosine and sine
+    harmonics of the sectors' centre angles (the first pair: the ring's dipoles, i.e. its centre of mass),
+    then the alternating row where the count is even."""
+    phi = (np.arange(sectors) + 0.5) * 2 * np.pi / sectors - np.pi  # as :func:`detector_regions` numbers them
+    rows = [np.ones(sectors)]
+    for m in range(1, (sectors - 1) // 2 + 1):
+        rows += [np.cos(m * phi), np.sin(m * phi)]
+    if sectors % 2 == 0 and sectors > 1:
+        rows.append(np.cos(sectors // 2 * (phi + np.pi / sectors)))  # +1, -1, +1, ...
+    basis = np.stack(rows)
+    return basis / np.linalg.norm(basis, axis=1, keepdims=True)
+
+
+def scan_wiener(counts: np.ndarray, pilot: np.ndarray, noise: float) -> np.ndarray:
+    """The empirical Wiener filter of an image over the scan: each coefficient of its orthonormal DCT
+    (the mean taken out) kept in proportion ``P / (P + noise)``, ``P`` the pilot's power at that
+    coefficient, ``noise`` the counts' variance per position; the mean is the counts' own."""
+    y = np.asarray(counts, np.float64)
+    level = y.mean()
+    coef = fft.dctn(y - level, norm="ortho")
+    power = fft.dctn(np.asarray(pilot, np.float64) - np.mean(pilot), norm="ortho") ** 2
+    gain = power / np.maximum(power + max(noise, 0.0), 1e-300)
+    return fft.idctn(gain * coef, norm="ortho") + level
+
+
+def wiener_regions(raw_img: np.ndarray, fused: np.ndarray, sectors: int) -> np.ndarray:
+    """Region totals ``(H, W, n)``: per ring, each harmonic of its sectors (:func:`sector_basis`) is the
+    :func:`scan_wiener` of the raw counts' harmonic with the ``fused`` one as the pilot (a harmonic's
+    variance: its squared weights times the sectors' mean counts)."""
+    basis = sector_basis(sectors)
+    out = np.empty_like(fused)
+    for r in range(fused.shape[-1] // sectors):
+        part = slice(r * sectors, (r + 1) * sectors)
+        counts, pilot = raw_img[..., part] @ basis.T, fused[..., part] @ basis.T
+        noise = (basis ** 2) @ raw_img[..., part].mean(axis=(0, 1))
+        harmonics = [scan_wiener(counts[..., k], pilot[..., k], float(noise[k])) for k in range(sectors)]
+        out[..., part] = np.stack(harmonics, -1) @ basis
+    return out
+
+
 def _split(raw_parts: np.ndarray, den_parts: np.ndarray, raw_whole: np.ndarray, den_whole: np.ndarray,
            fused_whole: np.ndarray, mean_share: np.ndarray) -> tuple[np.ndarray, list[tuple[float, float, str]]]:
     """Fused totals of the parts ``(H, W, k)`` of a whole: the whole's fused total split by the network's
@@ -266,17 +313,18 @@ def _split(raw_parts: np.ndarray, den_parts: np.ndarray, raw_whole: np.ndarray, 
     return fused, choices
 
 
-def plan_regions(raw, den, mean: np.ndarray, sectors: int, share_cap: float, halo: int = 1, frame: int = 0
-                 ) -> RegionPlan:
+def plan_regions(raw, den, mean: np.ndarray, sectors: int, share_cap: float, halo: int = 1, frame: int = 0,
+                 wiener: bool = True) -> RegionPlan:
     """:func:`choose_regions` over the detector regions found from the mean pattern (the bright-field disk's
     centre and radius, :func:`stemdist.quality.metrics.find_masks`), ``sectors`` per ring."""
     masks = find_masks(mean)
     labels = detector_regions(tuple(raw.shape[2:]), masks.center, masks.bf_radius, sectors=sectors)
-    return choose_regions(raw, den, labels, mean, sectors, share_cap, halo=halo, frame=frame)
+    return choose_regions(raw, den, labels, mean, sectors, share_cap, halo=halo, frame=frame, wiener=wiener)
 
 
 def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int = 1, share_sigma: float = 0.0,
-                   sample_chunks: int = SAMPLE_CHUNKS, halo: int = 1, frame: int = 0) -> RegionPlan:
+                   sample_chunks: int = SAMPLE_CHUNKS, halo: int = 1, frame: int = 0, wiener: bool = True
+                   ) -> RegionPlan:
     """The :class:`RegionPlan` of ``raw`` (Zarr) and the network's ``den`` (Zarr or dask) for detector
     ``labels`` (``ring · sectors + sector``), top down: the whole pattern's total by SURE on the total-counts
     images (:func:`stemdist.quality.sure.fusion_choice`), how it splits into rings, then how each ring
@@ -286,7 +334,7 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
     :func:`stemdist.run.final.fusion_plan` caps it at half the raw bright-field image's SURE width).
     ``halo``: the network's blind-spot window, as in ``model.halo``; ``frame``: positions at the scan's
     edge whose "network" patterns are the counts copied through (``data.borders: copy``), left out of
-    the share width's score."""
+    the share width's score. ``wiener``: the sectors' totals then filtered by :func:`wiener_regions`."""
     raw_img, den_img = region_images(raw, den, labels)
     n = raw_img.shape[-1]
     ring_of = np.arange(n) // sectors
@@ -311,8 +359,10 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
         fused[..., part], chosen = _split(raw_img[..., part], den_img[..., part], ring_raw[..., r], ring_den[..., r],
                                           ring_fused[..., r], mean_totals[part] / max(mean_totals[part].sum(), 1e-300))
         sector_choices += chosen
+    if wiener:
+        fused = wiener_regions(raw_img, fused, sectors)
     pixel_share = _shares(np.asarray(mean, np.float64), mean_totals[labels], 0.0)
-    choices = {"total": (s1, s2, g, w), "rings": ring_choices, "sectors": sector_choices}
+    choices = {"total": (s1, s2, g, w), "rings": ring_choices, "sectors": sector_choices, "wiener": wiener}
     plan = RegionPlan(labels, pixel_share.astype(np.float32), (fused - den_img).astype(np.float32), 0.0,
                       0.0, 0.0, 0.0, choices)
     plan = replace(plan, share_sigma=_choose_shares(raw, den, plan, sample_chunks, share_sigma, frame))
