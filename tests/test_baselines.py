@@ -69,7 +69,7 @@ def test_write_streams_to_zarr(tmp_path):
     src[:] = cube
     out = baselines.write(src, tmp_path / "baselines.zarr", 1.5, sigmas=(0.5, 2.0), rank=3)
     assert set(out) == {"gaussian_0.5", "gaussian_2", "gaussian_sure", "mean_pattern", "neighbours", "pca",
-                        "pca_gaussian", "fused_mean"}
+                        "pca_gaussian", "fused_mean", "fused_mean_wiener"}
     for arr in out.values():
         assert arr.shape == cube.shape and arr.chunks == (3, 3, 4, 4)
         assert arr.attrs["complete"] is True
@@ -77,6 +77,7 @@ def test_write_streams_to_zarr(tmp_path):
     np.testing.assert_allclose(out["neighbours"][1:-1, 1:-1], cube[1:-1, 1:-1], rtol=1e-6)
     np.testing.assert_allclose(out["mean_pattern"][:], np.broadcast_to(cube.mean((0, 1)), cube.shape), rtol=1e-5)
     assert "total" in out["fused_mean"].attrs["fuse_plan"]
+    assert out["fused_mean_wiener"].attrs["fuse_plan"]["wiener"] and not out["fused_mean"].attrs["fuse_plan"]["wiener"]
     np.testing.assert_allclose(out["pca"][:], cube, rtol=1e-4, atol=1e-3)  # rank 2 + mean is exact
     # the ladder's composites are what they say: a Gaussian of the cube, and of the PCA cube
     np.testing.assert_allclose(out["gaussian_sure"][:], baselines.gaussian(cube, 1.5).compute(), rtol=1e-5)

@@ -32,7 +32,7 @@ def test_evaluate_cli_writes_metrics_and_every_figure(smoke_run):
     assert 0 < m["blind_spot"]["adf_contrast"] < 1 and 0 < m["blind_spot"]["bf_err"] < 1
     assert m["against"] == "truth"  # found beside the synth cube's noisy array
     ladder = {"gaussian_0.5", "gaussian_1", "gaussian_1.5", "gaussian_2", "gaussian_3", "gaussian_sure",
-              "mean_pattern", "neighbours", "pca", "pca_gaussian", "fused_mean"}
+              "mean_pattern", "neighbours", "pca", "pca_gaussian", "fused_mean", "fused_mean_wiener"}
     assert set(m["methods"]) == {"raw", "cycle_01", "cycle_02", "final"} | ladder
     methods = m["methods"]
     for col, best in m["best_baselines"].items():  # the bar is the best baseline for each column

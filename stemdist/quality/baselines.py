@@ -15,6 +15,9 @@ its network's cube; the best of them *for each image* (BF, ADF, CoM, ...) is the
   the network's place: Gaussians of the raw counts shrunk towards the mean pattern, widths and weights
   per detector ring and sector chosen by SURE. What the final cube would be if the network learnt nothing
   beyond the mean pattern: the network's own contribution is the final's margin over it.
+  ``fused_mean_wiener``: the same with the fusion's Wiener step (``output.fuse_wiener``, the default), so
+  that no step of the fusion counts as the network's: each is a baseline of its own, the better one per
+  image the bar.
 - ``pca``: projection of every pattern onto the mean pattern plus the ``rank`` leading principal
   components of the patterns. The covariance is accumulated chunk by chunk (exact; detectors up to
   ``GRAM_LIMIT`` pixels), or found by dask's randomised ``svd_compressed`` for larger detectors.
@@ -137,15 +140,15 @@ def compute(arr, sure_sigma: float, sigmas=SIGMAS, rank: int = 8) -> dict[str, t
     return out
 
 
-def fused_mean(arr: zarr.Array, out: zarr.Array, sure_sigma: float, sectors: int = 4) -> dict:
+def fused_mean(arr: zarr.Array, out: zarr.Array, sure_sigma: float, sectors: int = 4, wiener: bool = False) -> dict:
     """Write into ``out`` the raw mean pattern fused with the raw counts by SURE per detector region, as
     ``output.fuse_by: regions`` fuses a network's cube (the shares' width capped at half ``sure_sigma``,
-    as the run's final does); returns the fusion's plan."""
+    as the run's final does; ``wiener``: with its Wiener step); returns the fusion's plan."""
     from ..run import fusion  # the run's own fusion, with the mean pattern in the network's place
 
     mean = da.from_zarr(arr).astype(np.float64).mean(axis=(0, 1)).compute()
     flat = mean_pattern(arr, mean)  # computed once: each chunk of the fusion reads it without another pass
-    plan = fusion.plan_regions(arr, flat, mean, sectors, sure_sigma / 2)
+    plan = fusion.plan_regions(arr, flat, mean, sectors, sure_sigma / 2, wiener=wiener)
     fusion.fuse_into(out, arr, flat, plan)
     return plan.describe()
 
@@ -163,9 +166,9 @@ def write(arr: zarr.Array, out: str | Path, sure_sigma: float, sigmas=SIGMAS, ra
         da.store(lazy.astype(np.float32).rechunk(z.chunks), z, lock=False)
         mark_complete(z)
         written[name] = z
-    z = create_cube(group, "fused_mean", tuple(arr.shape), tile, "float32", overwrite=True,
-                    attrs={"baseline": "fused_mean"})
-    z.attrs["fuse_plan"] = fused_mean(arr, z, sure_sigma)
-    mark_complete(z)
-    written["fused_mean"] = z
+    for name, wiener in (("fused_mean", False), ("fused_mean_wiener", True)):
+        z = create_cube(group, name, tuple(arr.shape), tile, "float32", overwrite=True, attrs={"baseline": name})
+        z.attrs["fuse_plan"] = fused_mean(arr, z, sure_sigma, wiener=wiener)
+        mark_complete(z)
+        written[name] = z
     return written
