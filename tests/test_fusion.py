@@ -340,3 +340,4 @@ def test_regions_fusion_wiener_step_beats_the_fusion_without_it_on_a_lattice(tmp
     com = lambda c: (c[..., disk] * ky[disk]).sum(-1) / c[..., disk].sum(-1)  # noqa: E731
     com_err = {w: float(((com(f) - com(truth)) ** 2).mean()) for w, f in fused.items()}
     assert com_err[True] < com_err[False]
+
