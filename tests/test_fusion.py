@@ -341,3 +341,25 @@ def test_regions_fusion_wiener_step_beats_the_fusion_without_it_on_a_lattice(tmp
     com_err = {w: float(((com(f) - com(truth)) ** 2).mean()) for w, f in fused.items()}
     assert com_err[True] < com_err[False]
 
+
+
+@pytest.mark.parametrize("merge", ["last", "middle"])
+def test_regions_fusion_wiener_step_on_a_detector_missing_sectors(tmp_path, merge):
+    """Small detectors: the last ring may hold fewer sectors than the others, or a sector no pixel at all. The
+    rings that are whole take the step, the others keep their fused totals, every region keeps its total."""
+    rng = np.random.default_rng(14)
+    raw_np, truth, halo, labels = disk_cube(rng, H=16, W=16, dose=60.0)
+    labels = labels.copy()
+    gone = labels.max() if merge == "last" else 5
+    labels[labels == gone] = gone - 1
+    raw, den = write(tmp_path, "raw", raw_np, 8), write(tmp_path, "den", network_like(raw_np, halo), 8)
+    plans = {w: fusion.choose_regions(raw, den, labels, truth.mean(axis=(0, 1)), sectors=4, share_sigma=1.0,
+                                      wiener=w) for w in (False, True)}
+    den_np = den[...]
+    fused = {w: plan.fused_totals(den_np, 0, 0) for w, plan in plans.items()}
+    ring = 1 if merge == "middle" else labels.max() // 4
+    part = slice(4 * ring, min(4 * ring + 4, labels.max() + 1))
+    np.testing.assert_allclose(fused[True][..., part], fused[False][..., part], rtol=1e-5)  # not whole: kept
+    assert not np.allclose(fused[True][..., :4], fused[False][..., :4])  # the disk's ring took the step
+    out = plans[True].apply(raw_np, den_np)
+    np.testing.assert_allclose(plans[True].totals(out), np.maximum(fused[True], 0), rtol=1e-4, atol=1e-3)
