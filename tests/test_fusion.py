@@ -216,6 +216,50 @@ def test_fusion_choice_takes_the_mean_where_the_truth_is_flat():
     assert abs(np.mean(est) - np.mean(true)) < 0.15 * np.mean(true) + 4 * np.std(np.subtract(est, true)) / np.sqrt(200)
 
 
+def test_dispersion_z_is_near_standard_normal_for_flat_poisson_counts_and_large_for_a_signal():
+    rng = np.random.default_rng(9)
+    zs = [sure.dispersion_z(rng.poisson(20.0, (32, 32))) for _ in range(300)]
+    assert abs(np.mean(zs)) < 0.25 and 0.8 < np.std(zs) < 1.25 and np.mean(np.greater(zs, 3)) < 0.02
+    wave = 20 * (1 + 0.25 * np.sin(np.arange(32) / 2))[:, None] * np.ones((1, 32))  # a 25% signal
+    assert sure.dispersion_z(rng.poisson(wave)) > 8
+    assert sure.dispersion_z(2.0 * rng.poisson(10.0, (32, 32))) > 8  # counts in other units: not Poisson
+
+
+def totals_fusion(raw_np: np.ndarray, den_np: np.ndarray, labels: np.ndarray, mean: np.ndarray):
+    raw_img, den_img = fusion.region_images(da.from_array(raw_np), da.from_array(den_np), labels)
+    mean_totals = np.bincount(labels.ravel(), weights=mean.ravel(), minlength=raw_img.shape[-1])
+    fused, choices = fusion.top_down(raw_img, den_img, mean_totals, 4)
+    return fused, choices
+
+
+def test_top_down_keeps_a_flat_total_at_its_mean_and_follows_one_that_varies(monkeypatch):
+    """Every simulated pattern here holds the same expected counts: the raw total image is Poisson noise
+    around one level, so the fused total is that level at every position — a network whose totals wander
+    by 10% does not get to pass that on to the rings. Where the totals do vary, SURE chooses as before."""
+    rng = np.random.default_rng(10)
+    raw_np, truth, halo, labels = disk_cube(rng, dose=100.0)
+    wander = 1 + 0.1 * ndimage.gaussian_filter(rng.normal(size=raw_np.shape[:2]), 2)[..., None, None] / 0.14
+    den_np = (truth * wander).astype(np.float32)
+    mean = truth.mean(axis=(0, 1))
+    fused, choices = totals_fusion(raw_np, den_np, labels, mean)
+    assert choices["total_z"] <= fusion.FLAT_Z and choices["total"] == (0.0, 0.0, 0.0, 0.0)
+    np.testing.assert_allclose(fused.sum(-1), raw_np.sum(axis=(2, 3), dtype=np.float64).mean(), rtol=1e-9)
+    bf = labels // 4 == 0
+    truth_bf = truth[..., bf].sum(-1)
+    monkeypatch.setattr(fusion, "FLAT_Z", -np.inf)  # SURE's choice of the total, as before
+    chosen, _ = totals_fusion(raw_np, den_np, labels, mean)
+    err = lambda f: float(((f[..., :4].sum(-1) - truth_bf) ** 2).mean())  # noqa: E731
+    assert err(fused) <= err(chosen)
+    monkeypatch.undo()
+    # totals that vary by 30% over the scan (a thickness ramp): far beyond Poisson, and followed
+    ramp = (1 + 0.3 * np.linspace(-1, 1, raw_np.shape[0]))[:, None, None, None]
+    raw_v = rng.poisson(truth * ramp).astype(np.float32)
+    fused, choices = totals_fusion(raw_v, (truth * ramp).astype(np.float32), labels, mean)
+    true_total = (truth * ramp).sum(axis=(2, 3))
+    assert choices["total_z"] > 10 and choices["total"][3] == 1.0
+    assert ((fused.sum(-1) - true_total) ** 2).mean() < 0.1 * true_total.var()
+
+
 def test_split_choice_follows_the_counts_where_the_network_splits_a_total_wrongly():
     rng = np.random.default_rng(8)
     whole = np.full((32, 32), 400.0)

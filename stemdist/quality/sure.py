@@ -53,6 +53,18 @@ def sure_sigma(counts: np.ndarray, candidates: np.ndarray = CANDIDATES) -> float
     return float(candidates[int(np.argmin(risks))])
 
 
+def dispersion_z(counts: np.ndarray) -> float:
+    """How far a counts image varies beyond Poisson noise around its mean, in standard errors: its index of
+    dispersion ``Σ (y - m)² / m`` is χ² with ``N - 1`` degrees of freedom for Poisson counts of one
+    expectation, so ``(D - (N - 1)) / √(2 (N - 1))`` is about a standard normal there and large where the
+    image holds a signal (or noise beyond Poisson: read-out noise, a flickering beam)."""
+    y = np.asarray(counts, np.float64).ravel()
+    m = y.mean()
+    if y.size < 2 or m <= 0:
+        return 0.0
+    return float((((y - m) ** 2).sum() / m - (y.size - 1)) / np.sqrt(2 * (y.size - 1)))
+
+
 FUSION_S1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # scan widths smoothing the network's image
 FUSION_S2 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # scan widths smoothing the residual
 

@@ -43,7 +43,7 @@ from scipy import fft, ndimage
 from .. import faults
 from ..data.tiles import Grid
 from ..quality.metrics import find_masks
-from ..quality.sure import FUSION_S2, TRUNCATE, fusion_choice, own_weights, scan_smooth, self_weights
+from ..quality.sure import FUSION_S2, TRUNCATE, dispersion_z, fusion_choice, own_weights, scan_smooth, self_weights
 
 RINGS = (1.0, 1.2, 3.0)  # region edges in disk radii: bright-field disk, gap, dark-field ring (evaluate's), beyond
 SECTORS = 4  # quadrants per ring
@@ -94,6 +94,9 @@ def detector_regions(shape: tuple[int, int], center: tuple[float, float], bf_rad
 
 DETAIL_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # scan widths tried for the detail's correction
 DETAIL_DETECTOR = (0.0, 1.0)  # detector widths tried for the detail's correction
+# the whole pattern's total is kept at its mean where its raw image varies by no more than this many standard
+# errors beyond Poisson noise (:func:`stemdist.quality.sure.dispersion_z`; README, Quality: flat totals)
+FLAT_Z = 3.0
 SAMPLE_CHUNKS = 12  # scan chunks whose every pixel scores the detail's candidates
 SHARE_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)  # scan widths tried for the network's shares (up to a cap)
 
@@ -196,6 +199,9 @@ class RegionPlan:
     def summary(self) -> str:
         s1, s2, g, w = self.choices["total"]
         total = f"raw mean + {g:.2f} x raw s {s2:g}" if not w else f"network s {s1:g} + {g:.2f} x residual s {s2:g}"
+        z = self.choices.get("total_z")
+        if z is not None and z <= FLAT_Z:
+            total = f"raw mean (its image within Poisson noise, dispersion z {z:+.1f})"
         split = lambda c: ", ".join(f"({s:g}, {g:.2f}{', mean' if src == 'mean' else ''})"  # noqa: E731
                                     for s, g, src in c)
         return (f"total {total}; rings (s, g) [{split(self.choices['rings'])}]; sectors "
@@ -205,6 +211,7 @@ class RegionPlan:
 
     def describe(self) -> dict:
         return {"total": dict(zip(("s1", "s2", "g", "w"), self.choices["total"], strict=True)),
+                "total_dispersion_z": self.choices.get("total_z"),
                 "rings": [{"s": s, "g": g, "shares": src} for s, g, src in self.choices["rings"]],
                 "sectors": [{"s": s, "g": g, "shares": src} for s, g, src in self.choices["sectors"]],
                 "share_sigma": self.share_sigma, "detail_sigma": self.detail_sigma,
@@ -326,9 +333,10 @@ def _split(raw_parts: np.ndarray, den_parts: np.ndarray, raw_whole: np.ndarray, 
 def top_down(raw_img: np.ndarray, den_img: np.ndarray, mean_totals: np.ndarray, sectors: int, halo: int = 1
              ) -> tuple[np.ndarray, dict]:
     """The fused region totals ``(H, W, n)`` from the raw and network region images, and SURE's choices: the
-    whole pattern's total (:func:`stemdist.quality.sure.fusion_choice`), how it splits into rings, then how
-    each ring splits into sectors (:func:`split_choice`, each level keeping the level above's totals).
-    ``mean_totals``: the mean pattern's total in each region."""
+    whole pattern's total (:func:`stemdist.quality.sure.fusion_choice`; its mean where the raw total image
+    varies no more than Poisson noise, ``FLAT_Z``), how it splits into rings, then how each ring splits into
+    sectors (:func:`split_choice`, each level keeping the level above's totals). ``mean_totals``: the mean
+    pattern's total in each region."""
     n = raw_img.shape[-1]
     ring_of = np.arange(n) // sectors
     rings = int(ring_of.max()) + 1
@@ -338,7 +346,11 @@ def top_down(raw_img: np.ndarray, den_img: np.ndarray, mean_totals: np.ndarray, 
 
     ring_raw, ring_den = by_ring(raw_img), by_ring(den_img)
     total_raw, total_den = ring_raw.sum(-1), ring_den.sum(-1)
-    s1, s2, g, w = fusion_choice(total_raw, total_den, halo=halo)
+    z = dispersion_z(total_raw)
+    if z <= FLAT_Z:  # no variation beyond Poisson noise: the candidates' risks differ by their noise alone
+        s1, s2, g, w = 0.0, 0.0, 0.0, 0.0
+    else:
+        s1, s2, g, w = fusion_choice(total_raw, total_den, halo=halo)
     a = scan_smooth(total_den, s1) if w else np.full_like(total_raw, total_raw.mean())  # the network, or the level
     total = a + g * scan_smooth(total_raw - a, s2)
     ring_mean = np.bincount(ring_of, weights=mean_totals, minlength=rings)
@@ -351,7 +363,7 @@ def top_down(raw_img: np.ndarray, den_img: np.ndarray, mean_totals: np.ndarray, 
         fused[..., part], chosen = _split(raw_img[..., part], den_img[..., part], ring_raw[..., r], ring_den[..., r],
                                           ring_fused[..., r], mean_totals[part] / max(mean_totals[part].sum(), 1e-300))
         sector_choices += chosen
-    return fused, {"total": (s1, s2, g, w), "rings": ring_choices, "sectors": sector_choices}
+    return fused, {"total": (s1, s2, g, w), "total_z": z, "rings": ring_choices, "sectors": sector_choices}
 
 
 def plan_regions(raw, den, mean: np.ndarray, sectors: int, share_cap: float, halo: int = 1, frame: int = 0,
