@@ -258,6 +258,15 @@ def test_top_down_keeps_a_flat_total_at_its_mean_and_follows_one_that_varies(mon
     true_total = (truth * ramp).sum(axis=(2, 3))
     assert choices["total_z"] > 10 and choices["total"][3] == 1.0
     assert ((fused.sum(-1) - true_total) ** 2).mean() < 0.1 * true_total.var()
+    # values that are not counts (the flat cube x 0.5): far less dispersed than Poisson, so SURE decides
+    calls = []
+    choose = fusion.fusion_choice
+    monkeypatch.setattr(fusion, "fusion_choice", lambda *a, **k: calls.append(1) or choose(*a, **k))
+    _, choices = totals_fusion(0.5 * raw_np, 0.5 * den_np, labels, 0.5 * mean)
+    assert choices["total_z"] < -fusion.FLAT_Z and calls
+    calls.clear()
+    totals_fusion(raw_np, den_np, labels, mean)
+    assert not calls  # and flat counts never reach it
 
 
 def test_split_choice_follows_the_counts_where_the_network_splits_a_total_wrongly():

@@ -94,8 +94,8 @@ def detector_regions(shape: tuple[int, int], center: tuple[float, float], bf_rad
 
 DETAIL_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # scan widths tried for the detail's correction
 DETAIL_DETECTOR = (0.0, 1.0)  # detector widths tried for the detail's correction
-# the whole pattern's total is kept at its mean where its raw image varies by no more than this many standard
-# errors beyond Poisson noise (:func:`stemdist.quality.sure.dispersion_z`; README, Quality: flat totals)
+# the whole pattern's total is kept at its mean where its raw image's variation is within this many standard
+# errors of Poisson noise's (:func:`stemdist.quality.sure.dispersion_z`; README, Quality: flat totals)
 FLAT_Z = 3.0
 SAMPLE_CHUNKS = 12  # scan chunks whose every pixel scores the detail's candidates
 SHARE_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)  # scan widths tried for the network's shares (up to a cap)
@@ -200,7 +200,7 @@ class RegionPlan:
         s1, s2, g, w = self.choices["total"]
         total = f"raw mean + {g:.2f} x raw s {s2:g}" if not w else f"network s {s1:g} + {g:.2f} x residual s {s2:g}"
         z = self.choices.get("total_z")
-        if z is not None and z <= FLAT_Z:
+        if z is not None and abs(z) <= FLAT_Z:
             total = f"raw mean (its image within Poisson noise, dispersion z {z:+.1f})"
         split = lambda c: ", ".join(f"({s:g}, {g:.2f}{', mean' if src == 'mean' else ''})"  # noqa: E731
                                     for s, g, src in c)
@@ -349,7 +349,9 @@ def top_down(raw_img: np.ndarray, den_img: np.ndarray, mean_totals: np.ndarray, 
     ring_raw, ring_den = by_ring(raw_img), by_ring(den_img)
     total_raw, total_den = ring_raw.sum(-1), ring_den.sum(-1)
     z = dispersion_z(total_raw)
-    if z <= FLAT_Z:  # no variation beyond Poisson noise: the candidates' risks differ by their noise alone
+    # no variation beyond Poisson noise: the candidates' risks differ by their noise alone. Far *below* it
+    # (z < -FLAT_Z) the values are not Poisson counts (a gain-scaled cube): SURE decides, as everywhere else
+    if abs(z) <= FLAT_Z:
         s1, s2, g, w = 0.0, 0.0, 0.0, 0.0
     else:
         s1, s2, g, w = fusion_choice(total_raw, total_den, halo=halo)
