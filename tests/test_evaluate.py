@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
 import pytest
 import zarr
 
+from stemdist.bench import quality
 from stemdist.quality.evaluate import evaluate
 
 from .conftest import run_cli
@@ -130,3 +132,23 @@ def test_bench_quality_seeds_report_the_spread_and_count_a_pair_only_if_every_se
     last = proc.stdout.strip().splitlines()[-1]
     assert "by every seed on " in last and last.endswith(f"(100: {', '.join(met) or 'none'})")
     assert f"on {len(met)} of 5 (dose, column) pairs" in last
+
+
+def test_bench_quality_refuses_missing_shared_cubes_and_unknown_materials(tmp_path):
+    """Asked for by name, the shared cubes must be there: never a synthetic cube reported under their name."""
+    proc = run_cli("bench", "quality", "--materials", "shared", "--data", str(tmp_path), "--doses", "20", "100",
+                   "--out", str(tmp_path / "q"), check=False)
+    assert proc.returncode != 0 and "the shared SrTiO3 cubes are not there" in proc.stderr
+    assert "srtio3_dose20.npy" in proc.stderr and "srtio3_dose100.npy" in proc.stderr
+    assert not (tmp_path / "q" / "dose20").exists()  # refused before anything ran
+    proc = run_cli("bench", "quality", "--materials", "au001", "--out", str(tmp_path / "q"), check=False)
+    assert proc.returncode != 0 and "unknown material au001" in proc.stderr and "au001_032" in proc.stderr
+
+
+def test_bench_quality_runs_the_shared_cubes_by_default_where_they_are_else_says_synthetic(tmp_path):
+    args = argparse.Namespace(materials=None, data=tmp_path, doses=[100.0], smoke=False)
+    assert quality.default_materials(args) == ["synthetic"]
+    for name in ("srtio3_dose100.npy", "srtio3_clean.npy"):
+        np.save(tmp_path / name, np.zeros((2, 2, 2, 2)))
+    assert quality.default_materials(args) == ["shared"]
+    assert quality.default_materials(argparse.Namespace(**{**vars(args), "doses": [20.0]})) == ["synthetic"]

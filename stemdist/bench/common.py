@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -14,6 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from ..console import table  # noqa: F401  (the one table printer, re-exported for the benchmarks)
+
+
+def shared_data() -> Path:
+    """The shared SrTiO3 cubes' folder: ``$STEMDIST_SHARED_DATA``, else ``shared/data`` beside the source
+    checkout, else ``../shared/data`` from the working directory (where neither exists: the first)."""
+    if os.environ.get("STEMDIST_SHARED_DATA"):
+        return Path(os.environ["STEMDIST_SHARED_DATA"])
+    beside = Path(__file__).resolve().parents[3] / "shared" / "data"
+    return next((d for d in (beside, Path.cwd().parent / "shared" / "data") if d.is_dir()), beside)
 
 
 def add_common(parser, smoke_help: str) -> None:

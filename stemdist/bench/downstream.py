@@ -30,7 +30,7 @@ import numpy as np
 
 from . import common
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SHARED = common.shared_data()
 DOSES = (20, 100, 500)
 ENERGY, SEMIANGLE, SCAN_STEP, MRAD_PER_PX = 300e3, 20.0, 0.081, 1.5  # the shared simulation (its README)
 METHODS = ("raw", "gaussian s=1", "gaussian SURE", "pca-8", "stemdist")

@@ -1,10 +1,11 @@
 """``stemdist bench quality``: the denoiser against classical baselines, scored against the truth.
 
 Runs a configuration (``default`` unless ``--config``) on the simulated SrTiO3 cubes of
-``../shared/data`` (a top-left ``--scan-crop`` of the 48 x 48 scan, truth = clean x dose), or on a
-synthetic cube when that data is absent, then ``evaluate --baselines``; prints one table per dose:
-method x (PSNR, SSIM, BF, ADF, CoM y, CoM x errors), the final cube against the best baseline *for each
-column* (the ladder of scan Gaussians, SURE, neighbours, PCA, PCA + Gaussian) and its dose gains.
+``../shared/data`` (a top-left ``--scan-crop`` of the 48 x 48 scan, truth = clean x dose; ``--materials
+shared``), on `stemdist bench materials` cubes, or on a synthetic cube (``--materials synthetic``, and
+what runs without ``--materials`` where the shared data is absent), then ``evaluate --baselines``; prints
+one table per dose: method x (PSNR, SSIM, BF, ADF, CoM y, CoM x errors), the final cube against the best
+baseline *for each column* (the ladder of scan Gaussians, SURE, neighbours, PCA, PCA + Gaussian) and its dose gains.
 Goal per (dose, column): PSNR >= the best baseline's + 3 dB, errors <= 0.8 x the best baseline's.
 
 The full protocol (10 cycles x 15 epochs, base width 24) takes hours on a CPU; the defaults here are
@@ -23,16 +24,16 @@ import numpy as np
 
 from ..console import table
 from ..quality.evaluate import HEADLINE  # the goal's columns
+from .common import shared_data
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SHARED = shared_data()
 
 SHOWN = ("psnr", "psnr_interior", "ssim", "bf_err", "adf_err", "com_y_err", "com_x_err")
 BUDGET = 16  # epochs of the shortened protocol, shared by its cycles
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, help=f"folder of srtio3_*.npy (default: {SHARED} when present, "
-                   "else a synthetic cube)")
+    p.add_argument("--data", type=Path, help=f"folder of srtio3_*.npy (default: $STEMDIST_SHARED_DATA or {SHARED})")
     p.add_argument("--doses", type=float, nargs="+", default=[100.0], help="electrons per pattern")
     p.add_argument("--scan-crop", type=int, default=24, help="top-left N x N positions of the scan")
     p.add_argument("--config", default="default", help="configuration to score (name or YAML file)")
@@ -47,9 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", type=Path, help="keep the runs and figures here (default: a temporary folder)")
     p.add_argument("--json", type=Path, help="write every metric of every dose to this file")
-    p.add_argument("--materials", nargs="+", default=["shared"], metavar="NAME",
-                   help="'shared' (the SrTiO3 cubes of --data) and/or simulated cubes of `stemdist bench materials` "
-                        "(srtio3_024, si110_024, mos2_030, au001_032; made first if missing, needs abTEM)")
+    p.add_argument("--materials", nargs="+", metavar="NAME",
+                   help="'shared' (the SrTiO3 cubes of --data), 'synthetic' (stemdist's own generator) and/or "
+                        "simulated cubes of `stemdist bench materials` (srtio3_024, si110_024, mos2_030, au001_032; "
+                        "made first if missing, needs abTEM). Default: shared where its cubes are, else synthetic")
     p.add_argument("--materials-cache", help="where `bench materials` keeps its cubes")
     p.add_argument("--seeds", type=int, default=1, help="train each case this many times (train.seed, seed + 1, "
                    "...) and report the spread; the goal counts a pair only if every seed meets it")
@@ -77,18 +79,38 @@ def _simulated(args, material: str, dose: float, root: Path) -> tuple[Path, Path
             f"{m.crystal} (simulated), step {m.step} Å, {m.thickness:g} Å thick, scan [0:{n}, 0:{n}]")
 
 
+def _shared_files(args, dose: float) -> tuple[Path, Path]:
+    data = args.data if args.data is not None else shared_data()
+    return data / f"srtio3_dose{dose:g}.npy", data / "srtio3_clean.npy"
+
+
+def default_materials(args) -> list[str]:
+    """``--materials``, or ``shared`` where its cubes are for every dose (``synthetic`` where they are not);
+    asked for by name, the shared cubes must be there (checked here, before anything runs)."""
+    from .materials import MATERIALS
+
+    unknown = [m for m in args.materials or () if m not in ("shared", "synthetic", *MATERIALS)]
+    if unknown:
+        raise SystemExit(f"bench quality: unknown material {', '.join(unknown)}: choose from shared, synthetic, "
+                         f"{', '.join(sorted(MATERIALS))}")
+    missing = sorted({str(p) for dose in args.doses for p in _shared_files(args, dose) if not p.exists()})
+    if not args.materials:
+        return ["shared" if args.smoke or not missing else "synthetic"]
+    if "shared" in args.materials and missing and not args.smoke:
+        raise SystemExit(f"bench quality: the shared SrTiO3 cubes are not there: {', '.join(missing)} (point "
+                         "--data or STEMDIST_SHARED_DATA at the folder of srtio3_clean.npy and srtio3_doseD.npy)")
+    return list(args.materials)
+
+
 def _cubes(args, dose: float, root: Path, material: str = "shared") -> tuple[Path, Path, str]:
-    """``(noisy, truth, description)`` Zarr cubes for one material and dose."""
+    """``(noisy, truth, description)`` Zarr cubes for one material and dose (``--smoke``: a small synthetic
+    cube whatever the material)."""
     from ..io.convert import convert
     from ..io.synth import synth
 
-    if material != "shared" and not args.smoke:
-        return _simulated(args, material, dose, root)
-    data = args.data if args.data is not None else SHARED
     n = args.scan_crop
-    noisy_npy = data / f"srtio3_dose{dose:g}.npy"
-    clean_npy = data / "srtio3_clean.npy"
-    if not args.smoke and noisy_npy.exists() and clean_npy.exists():
+    if material == "shared" and not args.smoke:
+        noisy_npy, clean_npy = _shared_files(args, dose)  # there: checked by default_materials
         noisy = np.load(noisy_npy, mmap_mode="r")
         clean = np.load(clean_npy, mmap_mode="r")
         n = min(n, noisy.shape[0], noisy.shape[1])
@@ -99,6 +121,8 @@ def _cubes(args, dose: float, root: Path, material: str = "shared") -> tuple[Pat
         convert(tmp / "noisy.npy", root / "noisy.zarr", overwrite=True)
         convert(tmp / "truth.npy", root / "truth.zarr", overwrite=True)
         return root / "noisy.zarr", root / "truth.zarr", f"SrTiO3 {noisy_npy.name}, scan [0:{n}, 0:{n}]"
+    if material not in ("shared", "synthetic") and not args.smoke:
+        return _simulated(args, material, dose, root)
     scan, det = ((12, 12), (16, 16)) if args.smoke else ((n, n), (32, 32))
     synth(root / "synthetic.zarr", scan, det, dose, seed=0, overwrite=True)
     return (root / "synthetic.zarr" / "noisy", root / "synthetic.zarr" / "truth",
@@ -185,9 +209,10 @@ def run(args: argparse.Namespace) -> int:
     seed0 = load(config_name, over).train.seed
     seeds = [seed0 + k for k in range(args.seeds)]
     results = {}
-    for material, dose, seed in [(m, d, s) for m in args.materials for d in args.doses for s in seeds]:
-        key = f"{material}/{dose:g}" if len(args.materials) > 1 else dose
-        root = out / (f"{material}-dose{dose:g}" if len(args.materials) > 1 else f"dose{dose:g}")
+    materials = default_materials(args)
+    for material, dose, seed in [(m, d, s) for m in materials for d in args.doses for s in seeds]:
+        key = f"{material}/{dose:g}" if len(materials) > 1 else dose
+        root = out / (f"{material}-dose{dose:g}" if len(materials) > 1 else f"dose{dose:g}")
         noisy, truth, desc = _cubes(args, dose, root / "data", material)
         if len(seeds) > 1:
             key = f"{key if isinstance(key, str) else f'{key:g}'} seed {seed}"
