@@ -416,3 +416,35 @@ def test_regions_fusion_wiener_step_on_a_detector_missing_sectors(tmp_path, merg
     assert not np.allclose(fused[True][..., :4], fused[False][..., :4])  # the disk's ring took the step
     out = plans[True].apply(raw_np, den_np)
     np.testing.assert_allclose(plans[True].totals(out), np.maximum(fused[True], 0), rtol=1e-4, atol=1e-3)
+
+
+def lattice_sectors(rng, n: int = 40, levels=(30.0, 20.0, 25.0, 15.0)):
+    """One ring of four sectors whose totals hold a lattice (each sector its own level), and their counts."""
+    truth = np.stack([lattice(n, 1.0) * lv for lv in levels], -1)
+    return truth, rng.poisson(truth).astype(np.float64)
+
+
+def test_wiener_blend_takes_more_of_the_wiener_where_the_fusion_blurred_a_lattice():
+    rng = np.random.default_rng(21)
+    truth, counts = lattice_sectors(rng)
+    kept = counts.copy()
+    fuse = lambda y: ndimage.gaussian_filter(y, (1.5, 1.5, 0), mode="reflect")  # noqa: E731  (loses the lattice)
+    fused = fuse(counts)
+    blend = fusion.wiener_blend(counts, fused, fuse, sectors=4)
+    assert blend.shape == (1, 4) and np.all((blend >= 0.5) & (blend <= 1))
+    assert blend.mean() > 0.75
+    err = lambda a: float(((fusion.wiener_regions(counts, fused, 4, blend=a) - truth) ** 2).sum())  # noqa: E731
+    assert err(blend) < 0.9 * err(0.5)
+    np.testing.assert_array_equal(counts, kept)  # the input is left alone
+    np.testing.assert_array_equal(blend, fusion.wiener_blend(counts, fused, fuse, sectors=4))  # seeded
+
+
+def test_wiener_blend_keeps_the_even_mean_where_the_fusion_is_already_right():
+    """An exact fused estimate: the Wiener of the raw counts only adds noise, and SURE would take less of it than
+    half; the weight stays at the mean (a trained network's copy of its targets' noise is invisible to SURE)."""
+    rng = np.random.default_rng(22)
+    truth, counts = lattice_sectors(rng)
+    blend = fusion.wiener_blend(counts, truth, lambda y: truth, sectors=4)
+    np.testing.assert_array_equal(blend, 0.5)
+    plain = fusion.wiener_regions(counts, truth, 4)
+    np.testing.assert_allclose(fusion.wiener_regions(counts, truth, 4, blend=blend), plain)

@@ -21,8 +21,9 @@ from the data alone (no truth) with Stein's unbiased risk estimate (SURE, :mod:`
   proportion to the network's own pattern, so bright-field, dark-field and centre-of-mass images get the
   smoothing their signal and noise call for, and the per-pixel detail its own. Last (``output.fuse_wiener``),
   each ring's sector totals are taken apart into harmonics (the ring's total, its two centre-of-mass
-  dipoles, ...) and each harmonic is averaged with the Wiener filter over the scan of its raw image, the
-  fused image's spectrum as the pilot (:func:`wiener_regions`): a Gaussian passes only low spatial
+  dipoles, ...) and each harmonic is blended with the Wiener filter over the scan of its raw image, the
+  fused image's spectrum as the pilot (:func:`wiener_regions`; the weight by SURE, at least an even mean,
+  :func:`wiener_blend`): a Gaussian passes only low spatial
   frequencies, a crystal's images hold their signal in a few lattice frequencies, and the pilot says which.
 """
 
@@ -207,7 +208,15 @@ class RegionPlan:
         return (f"total {total}; rings (s, g) [{split(self.choices['rings'])}]; sectors "
                 f"[{split(self.choices['sectors'])}]; shares s {self.share_sigma:g}; detail s {self.detail_sigma:g}, "
                 f"detector {self.detector_sigma:g}, g {self.detail_gain:.2f}"
-                + ("; each ring's harmonics averaged with their Wiener" if self.choices.get("wiener") else ""))
+                + self._wiener_summary())
+
+    def _wiener_summary(self) -> str:
+        blend = self.choices.get("wiener")
+        if blend is None:
+            return ""
+        weights = "; ".join(" ".join(f"{a:.2f}" for a in ring) for ring in blend)
+        return f"; each ring's harmonics blended with their Wiener, weights [{weights}]"
+
 
     def describe(self) -> dict:
         return {"total": dict(zip(("s1", "s2", "g", "w"), self.choices["total"], strict=True)),
@@ -216,7 +225,7 @@ class RegionPlan:
                 "sectors": [{"s": s, "g": g, "shares": src} for s, g, src in self.choices["sectors"]],
                 "share_sigma": self.share_sigma, "detail_sigma": self.detail_sigma,
                 "detail_detector_sigma": self.detector_sigma, "detail_gain": self.detail_gain,
-                "wiener": bool(self.choices.get("wiener", False))}
+                "wiener": self.choices.get("wiener") is not None, "wiener_blend": self.choices.get("wiener")}
 
 
 def region_images(raw, den, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -285,31 +294,93 @@ def scan_wiener(counts: np.ndarray, pilot: np.ndarray, noise: float) -> np.ndarr
     return fft.idctn(gain * coef, norm="ortho") + level
 
 
-def wiener_regions(raw_img: np.ndarray, fused: np.ndarray, sectors: int, present: np.ndarray | None = None
-                   ) -> np.ndarray:
-    """Region totals ``(H, W, n)``: per ring, each harmonic of its sectors (:func:`sector_basis`) is the mean
-    of the ``fused`` one and the :func:`scan_wiener` of the raw counts' harmonic with the fused one as the
-    pilot (its variance: the squared weights times the sectors' mean counts). The Wiener alone passes the
-    lattice frequencies that a Gaussian cuts, but it rebuilds every harmonic from the raw counts, dropping
-    what the fusion took from the network: measured, the mean was never worse than the fusion on any image
-    of ten stored runs at doses 20 and 100, the Wiener alone up to 36% worse on the bright-field image
-    (README, Quality: the Wiener step); with flat totals, 4 of 12 cases at doses 100-500 lost 4-40% on the
-    bright-field image, every other image gained (README, Quality: flat totals). A ring missing a sector
-    (``present``: which regions hold detector pixels; a partial last ring on a small detector) keeps its
-    fused totals."""
-    basis = sector_basis(sectors)
-    n = fused.shape[-1]
+WIENER_PROBES = 8  # Monte-Carlo probes of the divergences the Wiener blend's SURE needs (32 x 32 scan; fewer if larger)
+WIENER_GUARD = 1.0  # standard errors by which SURE must prefer a weight over the even mean before it is taken
+WIENER_EPS = 0.01  # size of the Monte-Carlo probes, in standard deviations of the counts
+
+
+def _whole_rings(n: int, sectors: int, present: np.ndarray | None) -> list[slice]:
+    """The rings whose every sector holds detector pixels (``present``), as slices of the region axis."""
     present = np.ones(n, bool) if present is None else np.asarray(present, bool)
-    out = np.array(fused, copy=True)
-    for r in range(n // sectors):
-        part = slice(r * sectors, (r + 1) * sectors)
-        if not present[part].all():
-            continue
-        counts, pilot = raw_img[..., part] @ basis.T, fused[..., part] @ basis.T
+    parts = (slice(r * sectors, (r + 1) * sectors) for r in range(n // sectors))
+    return [p for p in parts if present[p].all()]
+
+
+def _wiener_harmonics(raw_img: np.ndarray, fused: np.ndarray, rings: list[slice], basis: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(raw, fused, wiener)`` harmonics ``(H, W, rings, sectors)``: each whole ring's sectors taken apart by
+    ``basis`` (:func:`sector_basis`), and the :func:`scan_wiener` of each raw harmonic with the fused one as its
+    pilot (its variance: the squared weights times the sectors' mean counts)."""
+    ys, fs, ws = [], [], []
+    for part in rings:
+        y, f = raw_img[..., part] @ basis.T, fused[..., part] @ basis.T
         noise = (basis ** 2) @ raw_img[..., part].mean(axis=(0, 1))
-        filtered = np.stack([scan_wiener(counts[..., k], pilot[..., k], float(noise[k])) for k in range(sectors)], -1)
-        out[..., part] = ((pilot + filtered) / 2) @ basis
+        ws.append(np.stack([scan_wiener(y[..., k], f[..., k], float(noise[k])) for k in range(len(basis))], -1))
+        ys.append(y)
+        fs.append(f)
+    return np.stack(ys, -2), np.stack(fs, -2), np.stack(ws, -2)
+
+
+def wiener_regions(raw_img: np.ndarray, fused: np.ndarray, sectors: int, present: np.ndarray | None = None,
+                   blend: np.ndarray | float = 0.5) -> np.ndarray:
+    """Region totals ``(H, W, n)``: per ring, each harmonic of its sectors (:func:`sector_basis`) becomes
+    ``F + a (W - F)``, ``F`` the ``fused`` one, ``W`` the :func:`scan_wiener` of the raw counts' harmonic with
+    ``F`` as the pilot, ``a`` the ``blend`` (one number, or one per whole ring and harmonic,
+    :func:`wiener_blend`; 0.5: their mean). The Wiener alone passes the lattice frequencies that a Gaussian
+    cuts, but it rebuilds every harmonic from the raw counts, dropping what the fusion took from the
+    network: measured, the mean was never worse than the fusion on any image of ten stored runs at doses
+    20 and 100, the Wiener alone up to 36% worse on the bright-field image (README, Quality: the Wiener
+    step). A ring missing a sector (``present``: which regions hold detector pixels; a partial last ring on
+    a small detector) keeps its fused totals."""
+    basis = sector_basis(sectors)
+    rings = _whole_rings(fused.shape[-1], sectors, present)
+    out = np.array(fused, copy=True)
+    if not rings:
+        return out
+    _, f, w = _wiener_harmonics(raw_img, fused, rings, basis)
+    est = f + np.broadcast_to(np.asarray(blend, np.float64), f.shape[-2:]) * (w - f)
+    for i, part in enumerate(rings):
+        out[..., part] = est[..., i, :] @ basis
     return out
+
+
+def wiener_blend(raw_img: np.ndarray, fused: np.ndarray, fuse, sectors: int, present: np.ndarray | None = None,
+                 probes: int | None = None, seed: int = 0) -> np.ndarray:
+    """The Wiener step's weight ``a`` per whole ring and harmonic ``(rings, sectors)``, in [0.5, 1]: SURE's
+    minimiser of ``F + a (W - F)`` (:func:`wiener_regions`), taken only where SURE prefers it to the mean (0.5)
+    by more than :data:`WIENER_GUARD` of that preference's standard error. ``fuse(raw_img)`` recomputes
+    ``fused`` (the region totals before the step) from the region images: the divergences SURE needs go
+    through the whole fusion and the data-driven pilot, so they are estimated by Monte Carlo (Ramani, Blu and
+    Unser 2008): the counts moved by ``WIENER_EPS`` x their standard deviation along ``probes`` random
+    directions, seeded. Never below the mean: SURE cannot see how much a trained network copied its own
+    targets' noise (measured on Au [001] at doses 100-500: 14-48% of it in the region totals), which makes
+    ``F`` look better than it is — there the truth's weight was still ~0.45 where SURE's was 0. Measured on
+    13 stored runs (README, Quality: the Wiener weights)."""
+    basis = sector_basis(sectors)
+    rings = _whole_rings(fused.shape[-1], sectors, present)
+    if not rings:
+        return np.zeros((0, sectors))
+    y, f, w = _wiener_harmonics(raw_img, fused, rings, basis)
+    if probes is None:
+        probes = int(np.clip(round(WIENER_PROBES * 1024 / max(raw_img[..., 0].size, 1)), 2, WIENER_PROBES))
+    rng = np.random.default_rng(seed)
+    sd = np.sqrt(np.maximum(raw_img, 0))
+    div_f, div_w = np.zeros(f.shape[-2:]), np.zeros(f.shape[-2:])
+    for _ in range(probes):  # E[(B b) . (B J b)] with b ~ N(0, diag(counts)): each harmonic's own weight x variance
+        b = sd * rng.standard_normal(raw_img.shape)
+        moved = raw_img + WIENER_EPS * b
+        _, f2, w2 = _wiener_harmonics(moved, fuse(moved), rings, basis)
+        bh = np.stack([b[..., part] @ basis.T for part in rings], -2)
+        div_f += (bh * (f2 - f)).sum((0, 1)) / (WIENER_EPS * probes)
+        div_w += (bh * (w2 - w)).sum((0, 1)) / (WIENER_EPS * probes)
+    d = w - f
+    dd = (d * d).sum((0, 1))
+    lin = (d * (f - y)).sum((0, 1)) + div_w - div_f  # SURE(F + a d) - SURE(F) = 2 a lin + a² dd
+    best = np.clip(-lin / np.maximum(dd, 1e-300), 0.5, 1.0)
+    gain = (lin + 0.25 * dd) - (2 * best * lin + best ** 2 * dd)  # SURE at the mean less SURE at the best
+    var = np.stack([raw_img[..., part] @ (basis ** 2).T for part in rings], -2)  # each harmonic's variance
+    se = 2 * np.abs(best - 0.5) * np.sqrt((d * d * var).sum((0, 1)))
+    return np.where((dd > 0) & (gain > WIENER_GUARD * se), best, 0.5)
 
 
 def _split(raw_parts: np.ndarray, den_parts: np.ndarray, raw_whole: np.ndarray, den_whole: np.ndarray,
@@ -396,9 +467,13 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
     n = raw_img.shape[-1]
     mean_totals = np.bincount(labels.ravel(), weights=np.asarray(mean, np.float64).ravel(), minlength=n)
     fused, choices = top_down(raw_img, den_img, mean_totals, sectors, halo)
+    choices["wiener"] = None
     if wiener:
-        fused = wiener_regions(raw_img, fused, sectors, np.bincount(labels.ravel(), minlength=n) > 0)
-    choices["wiener"] = wiener
+        present = np.bincount(labels.ravel(), minlength=n) > 0
+        blend = wiener_blend(raw_img, fused, lambda y: top_down(y, den_img, mean_totals, sectors, halo)[0],
+                             sectors, present)
+        fused = wiener_regions(raw_img, fused, sectors, present, blend)
+        choices["wiener"] = blend.round(3).tolist()
     pixel_share = _shares(np.asarray(mean, np.float64), mean_totals[labels], 0.0)
     plan = RegionPlan(labels, pixel_share.astype(np.float32), (fused - den_img).astype(np.float32), 0.0,
                       0.0, 0.0, 0.0, choices)
