@@ -204,6 +204,27 @@ def test_python_api(tmp_path, small_cube):
     assert json.loads((paths.root / "run.json").read_text())["shape"] == [10, 9, 12, 10]
 
 
+def test_values_between_whole_numbers_get_one_warning_line_and_whole_floats_none(tmp_path, small_cube):
+    """Counts stored as floats are counts; a cube in detector units (a gain, a subtracted dark) is not, and the
+    Poisson loss and the fusion's noise model would be wrong for it: the run says so in one line."""
+    import stemdist
+
+    counts = zarr.open_array(str(small_cube / "noisy"), mode="r")[...].astype(np.float32)
+    for name, cube, share in (("whole", counts, 0.0), ("gain", counts * np.float32(0.37), None)):
+        npy = tmp_path / f"{name}.npy"
+        np.save(npy, cube)
+        paths = stemdist.denoise(npy, tmp_path / name, "smoke", cycles=1, epochs=1, output={"progress": False})
+        info = json.loads((paths.root / "run.json").read_text())
+        log = paths.log_file.read_text()
+        if share is not None:
+            assert info["not_whole"] == share and "not whole numbers" not in log
+        else:
+            expected = float(np.mean(np.round(cube) != cube))
+            assert info["not_whole"] == pytest.approx(expected) and expected > 0.3  # zeros stay whole
+            assert f"WARNING {100 * expected:.1f}% of the input's values are not whole numbers" in log
+        np.testing.assert_array_equal(np.load(npy), cube)  # the input is left as it was
+
+
 def test_one_grid_for_tiles_and_chunks(small_cube, tmp_path):
     """An input chunked by scan rows is rechunked into the run (the log says so): training tiles, inference tiles
     and every output share data.tile's grid."""

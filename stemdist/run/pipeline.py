@@ -143,7 +143,10 @@ def _set_up(input_path: Any, paths: RunPaths, config: Config, dataset: str | Non
     arr = zarr.open_array(raw, mode="r")
     mask = bright_field_mask(arr)
     darr = da.from_zarr(arr)
-    raw_bf, mean = check_values(arr, what, (virtual_bf_lazy(darr, mask), darr.astype(np.float64).mean(axis=(0, 1))))
+    extra = (virtual_bf_lazy(darr, mask), darr.astype(np.float64).mean(axis=(0, 1)))
+    if darr.dtype.kind == "f":  # counts stored as floats are fine; values between whole numbers are not counts
+        extra += (da.count_nonzero(darr != da.round(darr)),)
+    raw_bf, mean, *fractional = check_values(arr, what, extra)
     totals = mean.sum()
     paths.report.mkdir(exist_ok=True)
     np.save(paths.mean_pattern, mean)
@@ -152,7 +155,8 @@ def _set_up(input_path: Any, paths: RunPaths, config: Config, dataset: str | Non
     info = {"input": what if is_object(input_path) else str(input_path.resolve()), "dataset": dataset,
             "raw": str(Path(raw).resolve()),
             "shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks),
-            "mean_counts": float(totals), "rechunked_from": rechunked}
+            "mean_counts": float(totals), "rechunked_from": rechunked,
+            "not_whole": float(fractional[0]) / arr.size if fractional else 0.0}
     resolve_auto(config, float(totals))[0].save(paths.config)  # the sizes the run trains, for predict and resume
     zarr.open_group(str(paths.denoised), mode="a")
     paths.run_info.write_text(json.dumps(info, indent=2))
@@ -193,6 +197,10 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
         if info.get("rechunked_from"):
             log.info("input chunks %s did not fit the run's grid (whole patterns, data.tile=%s): rechunked into %s, "
                      "chunks %s", tuple(info["rechunked_from"]), config.data.tile, paths.input, tuple(info["chunks"]))
+        if info.get("not_whole"):
+            log.warning("%.1f%% of the input's values are not whole numbers: the Poisson loss and the fusion's noise "
+                        "model assume electron counts; divide a cube in detector units by one electron's signal "
+                        "first", 100 * info["not_whole"])
     else:
         setup_logging(None, verbose=False)
     config, sized = resolve_auto(config, mean_counts(info))
