@@ -355,7 +355,8 @@ def wiener_blend(raw_img: np.ndarray, fused: np.ndarray, fuse, sectors: int, pre
     directions, seeded. Never below the mean: SURE cannot see how much a trained network copied its own
     targets' noise (measured on Au [001] at doses 100-500: 14-48% of it in the region totals), which makes
     ``F`` look better than it is — there the truth's weight was still ~0.45 where SURE's was 0. Measured on
-    13 stored runs (README, Quality: the Wiener weights)."""
+    15 stored runs, 18 networks (README, Quality: the Wiener step's weight by SURE): CoM and ADF errors down by
+    up to 18%, one image worse (Si [110] dose 20's nearly flat bright field, in all three seeds)."""
     basis = sector_basis(sectors)
     rings = _whole_rings(fused.shape[-1], sectors, present)
     if not rings:
