@@ -306,19 +306,21 @@ def _whole_rings(n: int, sectors: int, present: np.ndarray | None) -> list[slice
     return [p for p in parts if present[p].all()]
 
 
+def _ring_harmonics(img: np.ndarray, rings: list[slice], basis: np.ndarray) -> np.ndarray:
+    """``(H, W, rings, sectors)``: each ring's sector images taken apart by ``basis`` (:func:`sector_basis`)."""
+    return np.stack([img[..., part] @ basis.T for part in rings], -2)
+
+
 def _wiener_harmonics(raw_img: np.ndarray, fused: np.ndarray, rings: list[slice], basis: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(raw, fused, wiener)`` harmonics ``(H, W, rings, sectors)``: each whole ring's sectors taken apart by
-    ``basis`` (:func:`sector_basis`), and the :func:`scan_wiener` of each raw harmonic with the fused one as its
-    pilot (its variance: the squared weights times the sectors' mean counts)."""
-    ys, fs, ws = [], [], []
-    for part in rings:
-        y, f = raw_img[..., part] @ basis.T, fused[..., part] @ basis.T
-        noise = (basis ** 2) @ raw_img[..., part].mean(axis=(0, 1))
-        ws.append(np.stack([scan_wiener(y[..., k], f[..., k], float(noise[k])) for k in range(len(basis))], -1))
-        ys.append(y)
-        fs.append(f)
-    return np.stack(ys, -2), np.stack(fs, -2), np.stack(ws, -2)
+    """``(raw, fused, wiener)`` harmonics ``(H, W, rings, sectors)``: :func:`_ring_harmonics` of the raw and fused
+    images, and the :func:`scan_wiener` of each raw harmonic with the fused one as its pilot (its variance: the
+    squared weights times the sectors' mean counts)."""
+    y, f = _ring_harmonics(raw_img, rings, basis), _ring_harmonics(fused, rings, basis)
+    noise = _ring_harmonics(raw_img.mean(axis=(0, 1)), rings, basis ** 2)
+    w = np.stack([np.stack([scan_wiener(y[..., i, k], f[..., i, k], float(noise[i, k])) for k in range(len(basis))], -1)
+                  for i in range(len(rings))], -2)
+    return y, f, w
 
 
 def wiener_regions(raw_img: np.ndarray, fused: np.ndarray, sectors: int, present: np.ndarray | None = None,
@@ -371,7 +373,7 @@ def wiener_blend(raw_img: np.ndarray, fused: np.ndarray, fuse, sectors: int, pre
         b = sd * rng.standard_normal(raw_img.shape)
         moved = raw_img + WIENER_EPS * b
         _, f2, w2 = _wiener_harmonics(moved, fuse(moved), rings, basis)
-        bh = np.stack([b[..., part] @ basis.T for part in rings], -2)
+        bh = _ring_harmonics(b, rings, basis)
         div_f += (bh * (f2 - f)).sum((0, 1)) / (WIENER_EPS * probes)
         div_w += (bh * (w2 - w)).sum((0, 1)) / (WIENER_EPS * probes)
     d = w - f
@@ -379,7 +381,7 @@ def wiener_blend(raw_img: np.ndarray, fused: np.ndarray, fuse, sectors: int, pre
     lin = (d * (f - y)).sum((0, 1)) + div_w - div_f  # SURE(F + a d) - SURE(F) = 2 a lin + a² dd
     best = np.clip(-lin / np.maximum(dd, 1e-300), 0.5, 1.0)
     gain = (lin + 0.25 * dd) - (2 * best * lin + best ** 2 * dd)  # SURE at the mean less SURE at the best
-    var = np.stack([raw_img[..., part] @ (basis ** 2).T for part in rings], -2)  # each harmonic's variance
+    var = _ring_harmonics(raw_img, rings, basis ** 2)  # each harmonic's variance at each position
     se = 2 * np.abs(best - 0.5) * np.sqrt((d * d * var).sum((0, 1)))
     return np.where((dd > 0) & (gain > WIENER_GUARD * se), best, 0.5)
 
