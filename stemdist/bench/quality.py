@@ -67,7 +67,7 @@ def _simulated(args, material: str, dose: float, root: Path) -> tuple[Path, Path
     clean = np.load(mat.make(material, mat.cache_dir(args.materials_cache)), mmap_mode="r")
     n = min(args.scan_crop, *clean.shape[:2])
     truth = np.asarray(clean[:n, :n], np.float64) * dose
-    rng = np.random.default_rng([sorted(mat.MATERIALS).index(material), int(dose)])
+    rng = np.random.default_rng([mat.NOISE_SEED[material], int(dose)])
     tmp = root / "npy"
     tmp.mkdir(parents=True, exist_ok=True)
     np.save(tmp / "noisy.npy", rng.poisson(truth).astype(np.uint16))
