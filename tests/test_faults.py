@@ -309,7 +309,8 @@ def test_held_out_loss_picks_the_networks_used_and_survives_kill_9(npy_input, tm
 
 def test_snapshots_keep_the_lowest_held_out_losses():
     """EpochSnapshots with ``select``: the ``keep`` Poisson epochs with the lowest held-out loss, in epoch order,
-    whatever order they came in; without, the last ``keep``; warm-up epochs never."""
+    whatever order they came in; without, the last ``keep``, ``every``-th epoch counted back from the last one
+    (fewer when the Poisson epochs run out); warm-up epochs never."""
     from types import SimpleNamespace
 
     import torch
@@ -318,19 +319,37 @@ def test_snapshots_keep_the_lowest_held_out_losses():
 
     net = torch.nn.Linear(1, 1)
     scores = [9.0, 3.0, 1.0, 2.0, 5.0, 0.5, 4.0]  # epoch 0 is the warm-up's
-    for select, expected in ((True, [2, 3, 5]), (False, [4, 5, 6])):
-        snaps = EpochSnapshots(3, select)
+    for select, every, expected in ((True, 1, [2, 3, 5]), (True, 2, [2, 3, 5]), (False, 1, [4, 5, 6]),
+                                    (False, 2, [2, 4, 6]), (False, 3, [3, 6])):
+        snaps = EpochSnapshots(3, select, every)
         for epoch, score in enumerate(scores):
             with torch.no_grad():
                 net.weight.fill_(epoch)
-            trainer = SimpleNamespace(current_epoch=epoch, callback_metrics={"heldout": torch.tensor(score)},
+            trainer = SimpleNamespace(current_epoch=epoch, max_epochs=len(scores),
+                                      callback_metrics={"heldout": torch.tensor(score)},
                                       strategy=SimpleNamespace(broadcast=lambda v: v))
             snaps.on_train_epoch_end(trainer, SimpleNamespace(in_warmup=lambda e=epoch: e == 0, net=net))
         assert snaps.epochs == expected
         assert [float(m["weight"]) for m in snaps.members] == expected
-        restored = EpochSnapshots(3, select)
+        restored = EpochSnapshots(3, select, every)
         restored.load_state_dict(snaps.state_dict())
         assert restored.epochs == expected and restored.scores == snaps.scores
+
+
+def test_average_every_spaces_the_networks_by_optimiser_steps():
+    """train.average_every auto: the averaged networks at least AVERAGE_STEPS optimiser steps apart (an epoch of a
+    small scan is a few dozen steps), every epoch's once an epoch is that long, all of them within the Poisson
+    phase; a number given is kept within that phase too."""
+    from stemdist.config import load, resolve_auto
+    from stemdist.train.trainer import AVERAGE_STEPS, average_every
+
+    train = resolve_auto(load("default"), 100)[0].train  # 4 warm-up epochs, 4 networks averaged
+    at = lambda epochs, **kw: train.model_copy(update={"epochs": epochs, **kw})  # noqa: E731
+    assert average_every(at(59), 32) == AVERAGE_STEPS // 32 == 4  # a 32 x 32 scan in batches of 32
+    assert average_every(at(59), AVERAGE_STEPS) == average_every(at(15), 2048) == 1  # a 256 x 256 scan
+    assert average_every(at(59), 1) == (59 - 4) // 4  # all four within the Poisson epochs
+    assert average_every(at(16), 32) == 3 and average_every(at(8), 32) == 1
+    assert average_every(at(59, average_every=2), 1) == 2 and average_every(at(16, average_every=9), 1) == 3
 
 
 def assert_predict_rebuilds(run: Path, out: Path, cycles: int = 1) -> None:

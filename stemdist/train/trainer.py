@@ -19,7 +19,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from .. import console, faults
-from ..config import Config
+from ..config import Config, TrainConfig
 from ..data.dataset import NeighbourPatches, split_group
 from ..data.tiles import Grid, holdout_positions
 from ..errors import InputError
@@ -102,20 +102,36 @@ class LossLog(Callback):
                                 "member": self.member})
 
 
+AVERAGE_STEPS = 128  # optimiser steps between two of the networks averaged, at least (train.average_every: auto)
+
+
+def average_every(train: TrainConfig, batches: int) -> int:
+    """Epochs between two of the ``train.average_epochs`` networks inference averages: ``train.average_every``,
+    or (auto) enough that :data:`AVERAGE_STEPS` optimiser steps (``batches`` per epoch) lie between them; at most
+    as many as leave all of them within the Poisson phase."""
+    want = train.average_every
+    if want == "auto":
+        want = math.ceil(AVERAGE_STEPS / max(batches, 1))
+    room = (train.epochs - warmup_epochs(train)) // max(train.average_epochs, 1)
+    return max(1, min(want, room))
+
+
 class EpochSnapshots(Callback):
     """The networks inference uses: their weights (on the CPU) at the end of ``keep`` Poisson epochs, the last
-    ones, or with ``select`` those with the lowest Poisson loss on the held-out positions (``train.holdout``;
-    Lightning's validation runs before ``on_train_epoch_end``). Kept in the checkpoint, so a resumed cycle
-    uses the same networks."""
+    one and every ``every``-th before it, or with ``select`` those with the lowest Poisson loss on the held-out
+    positions (``train.holdout``; Lightning's validation runs before ``on_train_epoch_end``). Kept in the
+    checkpoint, so a resumed cycle uses the same networks."""
 
-    def __init__(self, keep: int, select: bool = False):
-        self.keep, self.select = keep, select
+    def __init__(self, keep: int, select: bool = False, every: int = 1):
+        self.keep, self.select, self.every = keep, select, every
         self.members: list[dict] = []
         self.epochs: list[int] = []
         self.scores: list[float] = []
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if module.in_warmup():  # the warm-up's network predicts z-scores, not counts
+            return
+        if not self.select and (trainer.max_epochs - 1 - trainer.current_epoch) % self.every:
             return
         score = math.nan
         if self.select:  # rank 0's (synced over ranks already): every rank must keep the same networks
@@ -265,7 +281,11 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
                      lambda: module.device) if len(holdout) else None
         select = val is not None and not c.train.ema
         keep = c.train.average_epochs > 1 or select
-        snapshots = EpochSnapshots(c.train.average_epochs, select) if keep else None
+        every = average_every(c.train, len(dataset))
+        snapshots = EpochSnapshots(c.train.average_epochs, select, every) if keep else None
+        if ranks.is_main and keep and not select and every > 1:
+            log.info("%s: inference averages the networks of every %d-th epoch from the last (%d batches per epoch; "
+                     "train.average_every)", label, every, len(dataset))
         try:
             trainer(config, ranks, paths, cycle, accelerator, precision, len(dataset), snapshots, val is not None,
                     member).fit(
