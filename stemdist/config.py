@@ -84,9 +84,10 @@ class TrainConfig(Section):
     # the network used is the mean of the outputs of the networks at the end of the last this many Poisson
     # epochs (1: the last epoch's, the reference); their counts scatter from epoch to epoch (README, Quality)
     average_epochs: int = Field(4, ge=1, le=32)
-    # epochs between two of those networks; auto: enough that they are AVERAGE_STEPS optimiser steps apart (on a
-    # small scan an epoch is a few dozen steps, too few for the weights to move on), as far as the Poisson phase allows
-    average_every: int | Auto = "auto"
+    # epochs between two of those networks, counted back from the last (1: consecutive epochs); auto: enough that
+    # they are AVERAGE_STEPS optimiser steps apart (on a small scan an epoch is a few dozen steps), as far as the
+    # Poisson phase allows. Measured on one case only, so not the default yet (README, Quality: spacing)
+    average_every: int | Auto = 1
     # this fraction of the probe positions (at most 4,096) are never targets; the network's Poisson loss on them
     # after each Poisson epoch picks which epochs' networks are used (the average_epochs lowest; 0: the last ones).
     # Off by default: it measures how the network does on positions it never fitted, not on the cube it denoises

@@ -337,14 +337,15 @@ def test_snapshots_keep_the_lowest_held_out_losses():
 
 
 def test_average_every_spaces_the_networks_by_optimiser_steps():
-    """train.average_every auto: the averaged networks at least AVERAGE_STEPS optimiser steps apart (an epoch of a
+    """train.average_every (default 1: consecutive epochs); auto: the averaged networks at least AVERAGE_STEPS optimiser steps apart (an epoch of a
     small scan is a few dozen steps), every epoch's once an epoch is that long, all of them within the Poisson
     phase; a number given is kept within that phase too."""
     from stemdist.config import load, resolve_auto
     from stemdist.train.trainer import AVERAGE_STEPS, average_every
 
     train = resolve_auto(load("default"), 100)[0].train  # 4 warm-up epochs, 4 networks averaged
-    at = lambda epochs, **kw: train.model_copy(update={"epochs": epochs, **kw})  # noqa: E731
+    at = lambda epochs, **kw: train.model_copy(update={"epochs": epochs, "average_every": "auto", **kw})  # noqa: E731
+    assert train.average_every == 1 and average_every(train.model_copy(update={"epochs": 59}), 32) == 1
     assert average_every(at(59), 32) == AVERAGE_STEPS // 32 == 4  # a 32 x 32 scan in batches of 32
     assert average_every(at(59), AVERAGE_STEPS) == average_every(at(15), 2048) == 1  # a 256 x 256 scan
     assert average_every(at(59), 1) == (59 - 4) // 4  # all four within the Poisson epochs
