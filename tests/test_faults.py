@@ -337,9 +337,9 @@ def test_snapshots_keep_the_lowest_held_out_losses():
 
 
 def test_average_every_spaces_the_networks_by_optimiser_steps():
-    """train.average_every (default 1: consecutive epochs); auto: the averaged networks at least AVERAGE_STEPS optimiser steps apart (an epoch of a
-    small scan is a few dozen steps), every epoch's once an epoch is that long, all of them within the Poisson
-    phase; a number given is kept within that phase too."""
+    """train.average_every (default 1: consecutive epochs); auto: the averaged networks at least AVERAGE_STEPS
+    optimiser steps apart (an epoch of a small scan is a few dozen steps), every epoch's once an epoch is that
+    long, all of them within the Poisson phase; a number given is kept within that phase too."""
     from stemdist.config import load, resolve_auto
     from stemdist.train.trainer import AVERAGE_STEPS, average_every
 
