@@ -134,6 +134,23 @@ def test_bench_quality_seeds_report_the_spread_and_count_a_pair_only_if_every_se
     assert f"on {len(met)} of 5 (dose, column) pairs" in last
 
 
+def test_bench_quality_jobs_run_each_case_in_its_own_process_with_the_figures_of_one_after_another(tmp_path):
+    args = ("bench", "quality", "--smoke", "--doses", "20", "100", "--threads", "1")
+    par = run_cli(*args, "--jobs", "2", "--out", str(tmp_path / "p"), "--json", str(tmp_path / "p.json"))
+    seq = run_cli(*args, "--out", str(tmp_path / "s"), "--json", str(tmp_path / "s.json"))
+    a, b = (json.loads((tmp_path / f"{name}.json").read_text())["doses"] for name in "ps")
+    assert list(a) == list(b) == ["20.0", "100.0"]  # the report's order, whichever case finished first
+    for dose in a:
+        for method in ("final", "cycle_02", "fused_mean_wiener"):
+            assert a[dose]["methods"][method] == pytest.approx(b[dose]["methods"][method], rel=1e-6), (dose, method)
+    assert "2 cases, 2 at once (1 torch threads each)" in par.stdout
+    for dose in ("20", "100"):  # each run's own output went to its log, not the terminal
+        assert "[stemdist] run " in (tmp_path / "p" / f"dose{dose}" / "run-log.txt").read_text()
+    assert "[stemdist] run " not in par.stdout + par.stderr and "[stemdist] run " in seq.stdout + seq.stderr
+    assert par.stdout.strip().splitlines()[-1] == seq.stdout.strip().splitlines()[-1]
+    assert run_cli(*args, "--jobs", "0", check=False).stderr.strip().endswith("--jobs must be at least 1, got 0")
+
+
 def test_bench_quality_refuses_missing_shared_cubes_and_unknown_materials(tmp_path):
     """Asked for by name, the shared cubes must be there: never a synthetic cube reported under their name."""
     proc = run_cli("bench", "quality", "--materials", "shared", "--data", str(tmp_path), "--doses", "20", "100",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "...) and report the spread; the goal counts a pair only if every seed meets it")
     p.add_argument("--smoke", action="store_true",
                    help="CI size: a 12 x 12 synthetic scan of 16 x 16 patterns, smoke configuration")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run this many cases (material, dose, seed) at once, each in its own process, its log in "
+                        "RUN-log.txt beside its run folder (one GPU holds dozens of these small trainings); torch "
+                        "threads per job: --threads, else the CPU cores shared out")
 
 
 def _simulated(args, material: str, dose: float, root: Path) -> tuple[Path, Path, str]:
@@ -192,13 +197,12 @@ def network_margin(methods: dict[str, dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import config as cfg
-    from ..api import run_denoise
     from ..config import load
-    from ..quality.evaluate import evaluate, summary_lines
 
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
     if args.threads:
         torch.set_num_threads(args.threads)
     config_name, over = overrides(args)
@@ -209,35 +213,47 @@ def run(args: argparse.Namespace) -> int:
           "raw counts by SURE per detector region; the bar is the best of them per column")
     seed0 = load(config_name, over).train.seed
     seeds = [seed0 + k for k in range(args.seeds)]
-    results = {}
     materials = default_materials(args)
-    for material, dose, seed in [(m, d, s) for m in materials for d in args.doses for s in seeds]:
+    planned = []  # (key, dose, seed, run folder, noisy, truth, description), in the report's order
+    for material, dose in [(m, d) for m in materials for d in args.doses]:
         key = f"{material}/{dose:g}" if len(materials) > 1 else dose
         root = out / (f"{material}-dose{dose:g}" if len(materials) > 1 else f"dose{dose:g}")
-        noisy, truth, desc = _cubes(args, dose, root / "data", material)
-        if len(seeds) > 1:
-            key = f"{key if isinstance(key, str) else f'{key:g}'} seed {seed}"
-        t0 = time.perf_counter()
-        run_dir = root / ("run" if len(seeds) == 1 else f"run-seed{seed}")
-        if run_dir.exists():
-            import shutil
+        noisy, truth, desc = _cubes(args, dose, root / "data", material)  # once for all its seeds
+        for seed in seeds:
+            seeded_key = f"{key if isinstance(key, str) else f'{key:g}'} seed {seed}" if len(seeds) > 1 else key
+            planned.append((seeded_key, dose, seed, root / ("run" if len(seeds) == 1 else f"run-seed{seed}"),
+                            noisy, truth, desc))
+    results, failed = {}, []
 
-            shutil.rmtree(run_dir)
-        seeded = cfg.merge(over, {"train": {"seed": seed}})
-        run_denoise(noisy, run_dir, load(config_name, seeded), overrides=seeded)
-        seconds = time.perf_counter() - t0
-        res = evaluate(run_dir, truth, with_baselines=True, pca_rank=args.pca_rank)
-        results[key] = {"data": desc, "seed": seed, "seconds": seconds, "methods": res["methods"],
-                        "run": str(run_dir), "best_baselines": res["best_baselines"], "dose_gain": res["dose_gain"],
-                        "blind_spot": res.get("blind_spot")}
-        print(f"\ndose {dose:g} e-/pattern, seed {seed}: {desc}; denoise {seconds:.0f} s; "
-              f"figures in {run_dir / 'report'}")
-        print(format_table(res["methods"]))
-        for line in summary_lines(res):
-            print(line)
+    def report(key, result: dict, text: str) -> None:
+        results[key] = result
+        print(text, flush=True)
         if args.json:  # after every case: a run cut short keeps what it measured
-            summary = {"protocol": protocol(config_name, over), "doses": results}
-            args.json.write_text(json.dumps(summary, indent=2))
+            done = {k: results[k] for k, *_ in planned if k in results}
+            args.json.write_text(json.dumps({"protocol": protocol(config_name, over), "doses": done}, indent=2))
+
+    if args.jobs > 1:
+        import multiprocessing
+        import os
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = args.threads or max(1, (os.cpu_count() or 1) // min(args.jobs, len(planned)))
+        print(f"{len(planned)} cases, {min(args.jobs, len(planned))} at once ({threads} torch threads each); each "
+              "case's log: RUN-log.txt beside its run folder", flush=True)
+        with ProcessPoolExecutor(min(args.jobs, len(planned)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_case, config_name, over, seed, run_dir, noisy, truth, desc, dose,
+                                   args.pca_rank, threads, run_dir.parent / f"{run_dir.name}-log.txt"): key
+                       for key, dose, seed, run_dir, noisy, truth, desc in planned}
+            for future in as_completed(futures):
+                try:
+                    report(futures[future], *future.result())
+                except Exception as exc:  # the other cases go on; the run ends with status 1, naming it
+                    failed.append(f"{futures[future]}: {type(exc).__name__}: {exc}")
+                    print(f"case {futures[future]} failed: {type(exc).__name__}: {exc}", flush=True)
+    else:
+        for key, dose, seed, run_dir, noisy, truth, desc in planned:
+            report(key, *run_case(config_name, over, seed, run_dir, noisy, truth, desc, dose, args.pca_rank))
+    results = {k: results[k] for k, *_ in planned if k in results}
     rows = []
     for key, r in results.items():
         best, gain = r["best_baselines"], r["dose_gain"]["final"]
@@ -265,7 +281,60 @@ def run(args: argparse.Namespace) -> int:
     every = " by every seed" if len(seeds) > 1 else ""
     print(f"\nquality: {config_name} meets the goal against the best baseline per column (+3 dB, <= 0.8x){every} on "
           f"{total} of {len(HEADLINE) * len(cases)} (dose, column) pairs ({per_dose})")
-    return 0
+    if failed:
+        print(f"bench quality: {len(failed)} case(s) failed (their logs beside their run folders): "
+              + "; ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_case(config_name: str, over: dict, seed: int, run_dir: Path, noisy: Path, truth: Path, desc: str,
+             dose: float, pca_rank: int, threads: int | None = None, log: Path | None = None) -> tuple[dict, str]:
+    """One case: train and predict ``noisy`` into ``run_dir`` with ``seed``, score it against ``truth`` and the
+    baselines; returns the result and its report. With ``log`` (a case in a ``--jobs`` process), the run's own
+    output goes there instead of the terminal."""
+    import contextlib
+    import io
+    import os
+    import shutil
+
+    from .. import config as cfg
+    from ..api import run_denoise
+    from ..quality.evaluate import evaluate, summary_lines
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    with contextlib.ExitStack() as stack:
+        if log is not None:  # file descriptors, not sys.stdout: Lightning and its warnings write there too
+            log.parent.mkdir(parents=True, exist_ok=True)
+            sink = stack.enter_context(open(log, "w"))
+            for fd in (1, 2):
+                saved = os.dup(fd)
+                stack.callback(os.close, saved)
+                stack.callback(os.dup2, saved, fd)
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+                stack.callback(stream.flush)
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        t0 = time.perf_counter()
+        seeded = cfg.merge(over, {"train": {"seed": seed}})
+        run_denoise(noisy, run_dir, cfg.load(config_name, seeded), overrides=seeded)
+        seconds = time.perf_counter() - t0
+        res = evaluate(run_dir, truth, with_baselines=True, pca_rank=pca_rank)
+    text = io.StringIO()
+    print(f"\ndose {dose:g} e-/pattern, seed {seed}: {desc}; denoise {seconds:.0f} s; figures in "
+          f"{run_dir / 'report'}", file=text)
+    print(format_table(res["methods"]), file=text)
+    for line in summary_lines(res):
+        print(line, file=text)
+    result = {"data": desc, "seed": seed, "seconds": seconds, "methods": res["methods"], "run": str(run_dir),
+              "best_baselines": res["best_baselines"], "dose_gain": res["dose_gain"],
+              "blind_spot": res.get("blind_spot")}
+    return result, text.getvalue().rstrip("\n")
 
 
 def _spread(values: list[float], fmt: str) -> str:
