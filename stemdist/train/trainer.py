@@ -284,7 +284,7 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
         every = average_every(c.train, len(dataset))
         snapshots = EpochSnapshots(c.train.average_epochs, select, every) if keep else None
         if ranks.is_main and keep and not select and every > 1:
-            log.info("%s: inference averages the networks of every %d-th epoch from the last (%d batches per epoch; "
+            log.info("%s: inference averages networks %d epochs apart, back from the last (%d batches per epoch; "
                      "train.average_every)", label, every, len(dataset))
         try:
             trainer(config, ranks, paths, cycle, accelerator, precision, len(dataset), snapshots, val is not None,
