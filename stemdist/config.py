@@ -73,6 +73,9 @@ class TrainConfig(Section):
     # at least this many samples per cycle: a small scan gets more epochs (a 32 x 32 scan's 15 epochs are
     # 480 optimiser steps, too few to train the network; a 256 x 256 scan's are 30,000); auto: by LOW_COUNTS
     min_samples: int | Auto = "auto"
+    # the most epochs train.min_samples may lengthen a cycle to (None: no limit); train.epochs itself is kept.
+    # A small scan seen many times is learned by heart, its noise too (README, Quality: passes over a small scan)
+    max_epochs: int | None = Field(None, ge=1)
     warmup_epochs: int | Auto = "auto"  # z-normalised MSE epochs before the Poisson loss; auto: by LOW_COUNTS
     batch_size: int = Field(32, ge=1)  # per device; the global batch is batch_size x world size
     lr: float = Field(1e-3, gt=0)  # Adam learning rate, applied as is whatever the world size

@@ -241,15 +241,18 @@ def test_one_grid_for_tiles_and_chunks(small_cube, tmp_path):
 
 
 def test_min_samples_gives_a_small_scan_more_epochs_and_bright_field_fusion_stays_available(tmp_path, small_cube):
-    """10 x 9 positions: 3 epochs are 270 samples; train.min_samples 360 makes it 4 epochs."""
+    """10 x 9 positions: 3 epochs are 270 samples; train.min_samples 450 would make it 5 epochs, train.max_epochs
+    4 keeps it to 4."""
     run = tmp_path / "run"
-    run_cli("denoise", str(small_cube / "noisy"), "--out", str(run), *SMOKE, "--set", "train.min_samples=360",
-            "--set", "train.cycles=1", "--set", "output.fuse_by=bright_field")
+    run_cli("denoise", str(small_cube / "noisy"), "--out", str(run), *SMOKE, "--set", "train.min_samples=450",
+            "--set", "train.max_epochs=4", "--set", "train.cycles=1", "--set", "output.fuse_by=bright_field")
     from stemdist.layout import read_losses
 
     assert [r["epoch"] for r in read_losses(run)] == [0, 1, 2, 3]
     log = (run / "stemdist.log").read_text()
-    assert "4 epochs instead of train.epochs 3" in log and "chosen by SURE on the raw bright-field image" in log
+    assert ("4 epochs instead of train.epochs 3 (train.max_epochs; train.min_samples 450 would make it 5 over 90 "
+            "positions)") in log
+    assert "chosen by SURE on the raw bright-field image" in log
     final = zarr.open_group(str(run / "denoised.zarr"), mode="r")["final"]
     assert 0 <= final.attrs["fuse_sigma"] <= 4 and "fuse_plan" not in final.attrs
 

@@ -58,6 +58,7 @@ def test_overrides_are_typed():
     (["train.relative_weight=2"], "train.relative_weight must be <= 1"),
     (["train.min_samples=-5"], "train.min_samples: must be an integer >= 0 or auto; got -5"),
     (["train.grad_clip=-1"], "train.grad_clip must be >= 0"),
+    (["train.max_epochs=0"], "train.max_epochs must be >= 1"),
     (["model.base_width=wide"], "model.base_width: must be an integer >= 1 or auto; got 'wide'"),
     (["model.base_width=0"], "model.base_width: must be an integer >= 1 or auto; got 0"),
     (["train.warmup_epochs=-1"], "train.warmup_epochs: must be an integer >= 0 or auto; got -1"),
@@ -87,3 +88,17 @@ def test_epochs_given_as_a_flag_are_the_epochs_run():
     assert (c.train.epochs, c.train.min_samples) == (2, 0)
     c = cfg.load("default", cfg.parse_overrides(["train.epochs=2"]))
     assert (c.train.epochs, c.train.min_samples) == (2, "auto")
+
+
+def test_max_epochs_caps_what_min_samples_adds_and_keeps_the_epochs_given():
+    """676 positions (a 26 x 26 scan): min_samples 60000 asks 89 epochs, max_epochs 60 keeps 60; the epochs
+    given stay when larger; no cap by default; a large scan is untouched."""
+    from stemdist.train.trainer import cycle_epochs
+
+    train = cfg.load("default", {"train": {"min_samples": 60000}}).train
+    assert train.max_epochs is None and cycle_epochs(train, 676) == 89
+    capped = train.model_copy(update={"max_epochs": 60})
+    assert cycle_epochs(capped, 676) == 60 and cycle_epochs(capped, 1024) == 59
+    assert cycle_epochs(capped, 65536) == train.epochs == 15
+    assert cycle_epochs(capped.model_copy(update={"epochs": 80}), 676) == 80
+    assert cycle_epochs(capped.model_copy(update={"max_epochs": 5}), 676) == 15

@@ -102,6 +102,18 @@ class LossLog(Callback):
                                 "member": self.member})
 
 
+MANY_PASSES = 60  # more passes than this over a scan's positions get a line in the log (README: passes)
+
+
+def cycle_epochs(train: TrainConfig, samples_per_epoch: int) -> int:
+    """The epochs a cycle runs: ``train.epochs``, or more where ``train.min_samples`` asks for more samples than
+    they hold, those at most ``train.max_epochs``."""
+    wanted = math.ceil(train.min_samples / max(samples_per_epoch, 1))
+    if train.max_epochs is not None:
+        wanted = min(wanted, train.max_epochs)
+    return max(train.epochs, wanted)
+
+
 AVERAGE_STEPS = 128  # optimiser steps between two of the networks averaged, at least (train.average_every: auto)
 
 
@@ -248,11 +260,19 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
         # scored against the raw counts: a blend's targets would carry the network's own earlier output
         heldout = NeighbourPatches(raw, den, beta, target="raw", holdout=holdout, heldout=True, **common)
     plan = dataset.plan(0)
-    epochs = max(c.train.epochs, math.ceil(c.train.min_samples / max(plan.total, 1)))
+    epochs = cycle_epochs(c.train, plan.total)
+    if epochs != c.train.epochs and ranks.is_main:
+        wanted = math.ceil(c.train.min_samples / max(plan.total, 1))
+        if epochs < wanted:
+            log.info("%s: %d epochs instead of train.epochs %d (train.max_epochs; train.min_samples %d would make "
+                     "it %d over %d positions)", label, epochs, c.train.epochs, c.train.min_samples, wanted,
+                     plan.total)
+        else:
+            log.info("%s: %d epochs instead of train.epochs %d, so that it sees train.min_samples %d samples%s",
+                     label, epochs, c.train.epochs, c.train.min_samples,
+                     f" ({epochs} passes over each of {plan.total} positions: a network can learn so small a scan's "
+                     f"noise by heart; train.max_epochs caps them)" if epochs > MANY_PASSES else "")
     if epochs != c.train.epochs:
-        if ranks.is_main:
-            log.info("%s: %d epochs instead of train.epochs %d, so that it sees train.min_samples %d samples",
-                     label, epochs, c.train.epochs, c.train.min_samples)
         c = config = c.model_copy(update={"train": c.train.model_copy(update={"epochs": epochs})})
     module.train_cfg = c.train
     if ranks.is_main and warmup_epochs(c.train) < c.train.warmup_epochs:
