@@ -105,10 +105,15 @@ class LossLog(Callback):
 MANY_PASSES = 60  # more passes than this over a scan's positions get a line in the log (README: passes)
 
 
+def min_samples_epochs(train: TrainConfig, samples_per_epoch: int) -> int:
+    """The epochs that hold ``train.min_samples`` samples, uncapped."""
+    return math.ceil(train.min_samples / max(samples_per_epoch, 1))
+
+
 def cycle_epochs(train: TrainConfig, samples_per_epoch: int) -> int:
     """The epochs a cycle runs: ``train.epochs``, or more where ``train.min_samples`` asks for more samples than
     they hold, those at most ``train.max_epochs``."""
-    wanted = math.ceil(train.min_samples / max(samples_per_epoch, 1))
+    wanted = min_samples_epochs(train, samples_per_epoch)
     if train.max_epochs is not None:
         wanted = min(wanted, train.max_epochs)
     return max(train.epochs, wanted)
@@ -262,7 +267,7 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
     plan = dataset.plan(0)
     epochs = cycle_epochs(c.train, plan.total)
     if epochs != c.train.epochs and ranks.is_main:
-        wanted = math.ceil(c.train.min_samples / max(plan.total, 1))
+        wanted = min_samples_epochs(c.train, plan.total)
         if epochs < wanted:
             log.info("%s: %d epochs instead of train.epochs %d (train.max_epochs; train.min_samples %d would make "
                      "it %d over %d positions)", label, epochs, c.train.epochs, c.train.min_samples, wanted,
