@@ -75,7 +75,7 @@ class TrainConfig(Section):
     min_samples: int | Auto = "auto"
     # the most epochs train.min_samples may lengthen a cycle to (None: no limit); train.epochs itself is kept.
     # A small scan seen many times is learned by heart, its noise too (README, Quality: passes over a small scan)
-    max_epochs: int | None = Field(None, ge=1)
+    max_epochs: int | None = Field(60, ge=1)
     warmup_epochs: int | Auto = "auto"  # z-normalised MSE epochs before the Poisson loss; auto: by LOW_COUNTS
     batch_size: int = Field(32, ge=1)  # per device; the global batch is batch_size x world size
     lr: float = Field(1e-3, gt=0)  # Adam learning rate, applied as is whatever the world size

@@ -92,12 +92,13 @@ def test_epochs_given_as_a_flag_are_the_epochs_run():
 
 def test_max_epochs_caps_what_min_samples_adds_and_keeps_the_epochs_given():
     """676 positions (a 26 x 26 scan): min_samples 60000 asks 89 epochs, max_epochs 60 keeps 60; the epochs
-    given stay when larger; no cap by default; a large scan is untouched."""
+    given stay when larger; 60 by default, null lifts it; a large scan is untouched."""
     from stemdist.train.trainer import cycle_epochs
 
-    train = cfg.load("default", {"train": {"min_samples": 60000}}).train
+    capped = cfg.load("default", {"train": {"min_samples": 60000}}).train
+    assert capped.max_epochs == 60 and cycle_epochs(capped, 676) == 60
+    train = cfg.load("default", cfg.parse_overrides(["train.min_samples=60000", "train.max_epochs=null"])).train
     assert train.max_epochs is None and cycle_epochs(train, 676) == 89
-    capped = train.model_copy(update={"max_epochs": 60})
     assert cycle_epochs(capped, 676) == 60 and cycle_epochs(capped, 1024) == 59
     assert cycle_epochs(capped, 65536) == train.epochs == 15
     assert cycle_epochs(capped.model_copy(update={"epochs": 80}), 676) == 80

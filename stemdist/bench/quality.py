@@ -159,7 +159,9 @@ def protocol(config_name: str, over: dict) -> str:
     c = cfg.load(config_name, over)
     sized = "auto" in (c.model.base_width, c.train.warmup_epochs, c.train.min_samples)
     return (f"config {config_name}: {c.train.cycles} cycles x {c.train.epochs} epochs "
-            f"(at least {c.train.min_samples} samples per cycle; {c.train.warmup_epochs} warm-up), "
+            f"(at least {c.train.min_samples} samples per cycle"
+            f"{f', at most {c.train.max_epochs} epochs' if c.train.max_epochs else ''}; "
+            f"{c.train.warmup_epochs} warm-up), "
             f"base width {c.model.base_width}{f' ({cfg.AUTO_RULE})' if sized else ''}, depth {c.model.depth}, "
             f"head {c.model.head}, augment {c.train.augment}, "
             f"network: mean output of {c.train.average_epochs} epochs' networks "
