@@ -110,6 +110,11 @@ class TrainConfig(Section):
     # networks trained side by side from seeds seed, seed + 1, ...: inference averages their outputs (each one's
     # train.average_epochs networks); costs this many times the training and inference (README, Quality: ensembles)
     ensemble: int = Field(1, ge=1, le=16)
+    # K > 1: cross-fitting. The probe positions are split at random into K folds; network k never has fold k's
+    # positions as targets and is the only one that predicts them, so no output depends on its own position's
+    # counts through training either (the fusion's SURE assumes it). Same training time: each network fits
+    # (K - 1) / K of the targets (README, Quality: cross-fitting)
+    crossfit: int = Field(1, ge=1, le=8)
 
     @field_validator("warmup_epochs", "min_samples", mode="before")
     @classmethod
@@ -176,6 +181,10 @@ class Config(Section):
         if self.train.ema and self.train.average_epochs > 1:
             raise ValueError(f"train.ema {self.train.ema:g} and train.average_epochs {self.train.average_epochs} are "
                              "two ways to average a cycle's networks: set train.average_epochs: 1 to use the EMA")
+        if self.train.crossfit > 1 and (self.train.ensemble > 1 or self.train.holdout):
+            other = "train.ensemble" if self.train.ensemble > 1 else "train.holdout"
+            raise ValueError(f"train.crossfit {self.train.crossfit} trains one network per fold of the positions; "
+                             f"it does not combine with {other}: set one of them")
         return self
 
     def to_dict(self) -> dict[str, Any]:

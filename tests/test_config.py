@@ -66,6 +66,10 @@ def test_overrides_are_typed():
     (["train.holdout=0.5"], "train.holdout must be <= 0.25"),
     (["train.holdout=-0.1"], "train.holdout must be >= 0"),
     (["train.ema=0.99"], "train.ema 0.99 and train.average_epochs 4 are two ways to average"),
+    (["train.crossfit=2", "train.ensemble=2"], "train.crossfit 2 trains one network per fold of the positions; it "
+                                               "does not combine with train.ensemble"),
+    (["train.crossfit=3", "train.holdout=0.1"], "does not combine with train.holdout"),
+    (["train.crossfit=0"], "train.crossfit must be >= 1"),
 ])
 def test_bad_values_name_the_key(pairs, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):

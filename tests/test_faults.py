@@ -363,6 +363,53 @@ def assert_predict_rebuilds(run: Path, out: Path, cycles: int = 1) -> None:
     np.testing.assert_allclose(zarr.open_array(str(out), mode="r")[...], cycle, rtol=1e-5, atol=1e-5)
 
 
+def test_crossfit_predicts_each_position_by_the_network_never_trained_on_it(npy_input, tmp_path):
+    """train.crossfit 2: network k never has fold k's positions as targets (its log counts them), each position of
+    the cycle's cube is the output of its own fold's networks alone (rebuilt here from the saved weights, the two
+    folds' outputs differing), predict on a cube averages every network, and a run killed inside the second
+    network resumes to the same cube."""
+    import torch
+
+    from stemdist.config import load
+    from stemdist.data.tiles import fold_of
+    from stemdist.io.zarr_store import create_cube
+    from stemdist.run.inference import infer
+    from stemdist.train.module import Denoiser, OutputAverage, averaged
+
+    args = [*SMOKE, "--cycles", "1", "--epochs", "3", "--set", "data.tile=4", "--set", "train.average_epochs=2",
+            "--set", "train.crossfit=2"]
+    whole = tmp_path / "whole"
+    run_cli("denoise", str(npy_input), "--out", str(whole), *args)
+    raw_path = json.loads((whole / "run.json").read_text())["raw"]
+    raw = zarr.open_array(raw_path, mode="r")
+    H, W = raw.shape[:2]
+    folds = fold_of(np.arange(H * W), 2, 0).reshape(H, W)
+    assert 0 < (folds == 0).sum() < H * W
+    log = (whole / "stemdist.log").read_text()
+    for k in (0, 1):
+        assert f"{(folds == k).sum()} probe positions of fold {k} left out (train.crossfit 2)" in log
+        assert f"{(folds != k).sum()} samples per epoch" in log
+    state = torch.load(whole / "weights" / "cycle_01.pt", map_location="cpu")
+    assert state["folds"] == 2 and len(state["average"]) == 4 and len(state["lasts"]) == 2
+    config = load(whole / "config.yaml")
+    cube = zarr.open_array(str(whole / "denoised.zarr" / "cycle_01"), mode="r")[...]
+    by_fold = []
+    for k in (0, 1):
+        out = create_cube(str(tmp_path / f"fold{k}.zarr"), None, tuple(raw.shape), (4, 4))
+        model = averaged(Denoiser(config.model, config.train), state["average"][2 * k:2 * k + 2])
+        assert isinstance(model, OutputAverage)
+        infer(model, raw, None, 0.0, out, borders=config.data.borders, batch_size=16, device=torch.device("cpu"))
+        by_fold.append(zarr.open_array(str(tmp_path / f"fold{k}.zarr"), mode="r")[...])
+        np.testing.assert_allclose(cube[folds == k], by_fold[k][folds == k], rtol=1e-5, atol=1e-5)
+    assert np.abs(by_fold[0] - by_fold[1]).max() > 1e-3
+    run_cli("predict", str(whole), raw_path, str(tmp_path / "all.zarr"), "--quiet")
+    everyone = averaged(Denoiser(config.model, config.train), state["average"])
+    out = create_cube(str(tmp_path / "mean.zarr"), None, tuple(raw.shape), (4, 4))
+    infer(everyone, raw, None, 0.0, out, borders=config.data.borders, batch_size=16, device=torch.device("cpu"))
+    np.testing.assert_allclose(zarr.open_array(str(tmp_path / "all.zarr"), mode="r")[...],
+                               zarr.open_array(str(tmp_path / "mean.zarr"), mode="r")[...], rtol=1e-5, atol=1e-5)
+    assert_resumes_to(whole, npy_input, tmp_path / "run", args, "train:1:1:member1")
+
 def test_augmented_training_is_used_and_survives_kill_9(npy_input, tmp_path):
     """train.augment: joint moves the batches (the run differs from the same run without it), the averaged
     networks each see another move at inference and predict rebuilds them, and each step's move depends on the

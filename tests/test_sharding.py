@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from stemdist.data.dataset import NeighbourPatches, epoch_order, plan_shards
-from stemdist.data.tiles import HOLDOUT_TILES, Grid, holdout_positions, tile_of, tile_positions
+from stemdist.data.tiles import HOLDOUT_TILES, Grid, fold_of, fold_positions, holdout_positions, tile_of, tile_positions
 from stemdist.io.zarr_store import create_cube
 from stemdist.train.trainer import Batches
 
@@ -158,3 +158,19 @@ def test_a_consumer_that_keeps_every_group_sees_none_overwritten(tmp_path):
     for g, e in zip(kept, expected, strict=True):
         assert torch.equal(g[0], e[0]) and torch.equal(g[1], e[1])
     assert int(kept[-1][3][1]) == -1  # the last ones came from fresh buffers
+
+
+@pytest.mark.parametrize("borders", ["reflect", "copy"])
+def test_crossfit_folds_split_the_sample_positions(borders):
+    """train.crossfit: the K folds partition the sample positions (none twice, none left out, the border frame
+    of copy borders in none), each about a Kth, and the seed redraws them; fold_of answers without a scan map."""
+    grid = Grid(37, 29, 8, 8)
+    samples = {(i, j) for i in range(37) for j in range(29) if borders == "reflect" or (0 < i < 36 and 0 < j < 28)}
+    folds = [fold_positions(grid, borders, k, 3, seed=5) for k in range(3)]
+    flat = np.concatenate(folds)
+    assert len(flat) == len(np.unique(flat)) == len(samples)
+    assert {(int(y), int(x)) for y, x in zip(*np.divmod(flat, 29), strict=True)} == samples
+    assert all(abs(len(f) - len(samples) / 3) < 0.1 * len(samples) for f in folds)
+    for k, f in enumerate(folds):
+        assert (fold_of(f, 3, 5) == k).all()
+    assert not np.array_equal(folds[0], fold_positions(grid, borders, 0, 3, seed=6))

@@ -255,3 +255,25 @@ def holdout_positions(grid: Grid, borders: Borders, fraction: float, seed: int) 
         flat.append((i + y0) * grid.W + (j + x0))
     flat = np.concatenate(flat)
     return np.sort(rng.choice(flat, size=min(n, len(flat) // 2), replace=False))
+
+
+def fold_of(flat: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """The cross-fitting fold (``train.crossfit``) of each flat scan index ``y * W + x``: a seeded hash
+    (SplitMix64) modulo ``folds``, so any rank or tile finds a position's fold without a map of the scan."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(flat, np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return ((z ^ (z >> np.uint64(31))) % np.uint64(folds)).astype(np.int64)
+
+
+def fold_positions(grid: Grid, borders: Borders, fold: int, folds: int, seed: int) -> np.ndarray:
+    """Flat scan indices (sorted) of the sample positions in cross-fitting fold ``fold`` of ``folds``: the
+    targets network ``fold`` never trains on and alone predicts."""
+    flat = []
+    for t in range(grid.n_tiles):
+        y0, _, x0, _ = grid.bounds(t)
+        i, j = tile_positions(grid, t, borders)
+        f = (i + y0) * grid.W + (j + x0)
+        flat.append(f[fold_of(f, folds, seed) == fold])
+    return np.sort(np.concatenate(flat)) if flat else np.zeros(0, np.int64)

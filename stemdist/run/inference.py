@@ -22,7 +22,7 @@ import torch
 import zarr
 
 from .. import faults
-from ..data.tiles import BlockReader, Borders, Grid, flat_index, tile_positions
+from ..data.tiles import BlockReader, Borders, Grid, flat_index, fold_of, tile_positions
 from ..io.zarr_store import ChunkWriter
 from . import hardware
 
@@ -33,10 +33,12 @@ def owned_tiles(n_tiles: int, rank: int, world_size: int) -> range:
 
 
 @torch.inference_mode()
-def predict_block(model: torch.nn.Module, block: torch.Tensor, grid: Grid, t: int, borders: Borders,
-                  batch_size: int, device: torch.device, autocast: torch.dtype | None = None) -> torch.Tensor:
+def predict_block(model: torch.nn.Module | list[torch.nn.Module], block: torch.Tensor, grid: Grid, t: int,
+                  borders: Borders, batch_size: int, device: torch.device, autocast: torch.dtype | None = None,
+                  seed: int = 0) -> torch.Tensor:
     """Denoised patterns ``(h, w, P, Q)`` of tile ``t`` from its halo ``block``, on ``device``; with ``copy``
-    borders the scan's border positions keep their input patterns."""
+    borders the scan's border positions keep their input patterns. A list of K models (``train.crossfit``):
+    each position is predicted by the model of its fold (:func:`stemdist.data.tiles.fold_of` with ``seed``) only."""
     y0, y1, x0, x1 = grid.bounds(t)
     r = grid.halo
     blk = block.to(device, non_blocking=True)
@@ -44,10 +46,19 @@ def predict_block(model: torch.nn.Module, block: torch.Tensor, grid: Grid, t: in
     # the block's patterns cross to the device once; the neighbour stacks are built there
     patterns = blk.reshape(-1, *blk.shape[2:])
     ii, jj, index = _positions(grid, t, borders, device)
-    for s in range(0, len(ii), batch_size):
-        with hardware.autocast(device, autocast):
-            pred = model(patterns[index[s:s + batch_size]])
-        out[ii[s:s + batch_size], jj[s:s + batch_size]] = pred[:, 0].float()
+    models = model if isinstance(model, list) else [model]
+    rows: list[torch.Tensor | None] = [None]
+    if len(models) > 1:
+        i, j = tile_positions(grid, t, borders)
+        folds = fold_of((i + y0) * grid.W + (j + x0), len(models), seed)
+        rows = [torch.from_numpy(np.flatnonzero(folds == k)).to(device) for k in range(len(models))]
+    for net, sel in zip(models, rows, strict=True):
+        n = len(ii) if sel is None else len(sel)
+        for s in range(0, n, batch_size):
+            at = slice(s, s + batch_size) if sel is None else sel[s:s + batch_size]
+            with hardware.autocast(device, autocast):
+                pred = net(patterns[index[at]])
+            out[ii[at], jj[at]] = pred[:, 0].float()
     return out
 
 
@@ -106,11 +117,12 @@ class ReadAhead:
                 yield t0, fut.result(), buf
 
 
-def infer(model: torch.nn.Module, raw: zarr.Array, den: zarr.Array | None, beta: float, out: zarr.Array,
-          *, borders: Borders, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1,
-          cache_chunks: int = 12, autocast: torch.dtype | None = None, progress=None,
-          bf_mask: np.ndarray | None = None, threads: int = 2, halo: int = 1) -> np.ndarray:
-    """Write this rank's chunks of ``out`` = model applied to ``(1 - beta) raw + beta den``.
+def infer(model: torch.nn.Module | list[torch.nn.Module], raw: zarr.Array, den: zarr.Array | None, beta: float,
+          out: zarr.Array, *, borders: Borders, batch_size: int, device: torch.device, rank: int = 0,
+          world_size: int = 1, cache_chunks: int = 12, autocast: torch.dtype | None = None, progress=None,
+          bf_mask: np.ndarray | None = None, threads: int = 2, halo: int = 1, seed: int = 0) -> np.ndarray:
+    """Write this rank's chunks of ``out`` = model applied to ``(1 - beta) raw + beta den`` (a list of models:
+    each position's cross-fitting fold's, :func:`predict_block`).
 
     Returns two images of the chunks this rank wrote, zero elsewhere (summed over ranks they are whole, for
     free: no second pass): ``[0]`` the virtual bright-field (counts in ``bf_mask``, or the whole detector),
@@ -121,7 +133,8 @@ def infer(model: torch.nn.Module, raw: zarr.Array, den: zarr.Array | None, beta:
     threads = max(1, threads)
     readers = ReadAhead(raw, den, beta, grid, cache_chunks, threads, pin=cuda)
     tiles = owned_tiles(grid.n_tiles, rank, world_size)
-    model.eval()
+    for net in model if isinstance(model, list) else [model]:
+        net.eval()
     mask = None if bf_mask is None else torch.as_tensor(bf_mask, dtype=torch.float32, device=device)
     images = torch.zeros((2, grid.H, grid.W), dtype=torch.float64, device=device)
     chunk = (grid.ty, grid.tx) + tuple(raw.shape[2:])
@@ -137,7 +150,7 @@ def infer(model: torch.nn.Module, raw: zarr.Array, den: zarr.Array | None, beta:
     with ThreadPoolExecutor(threads, thread_name_prefix="stemdist-write") as writer:
         writes: deque[tuple[Future, torch.Tensor]] = deque()
         for t, block, in_buf in readers(tiles):
-            pred = predict_block(model, block, grid, t, borders, batch_size, device, autocast)
+            pred = predict_block(model, block, grid, t, borders, batch_size, device, autocast, seed)
             y0, y1, x0, x1 = grid.bounds(t)
             totals = pred.sum(dim=(2, 3), dtype=torch.float64)
             images[1, y0:y1, x0:x1] = totals

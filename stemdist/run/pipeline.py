@@ -17,7 +17,7 @@ import zarr
 
 from .. import console, faults
 from ..config import Config, ConfigError, apply, load, resolve_auto
-from ..data.tiles import Grid
+from ..data.tiles import Grid, fold_positions
 from ..errors import InputError, StemdistError
 from ..io.checks import check_chunks, check_shape, check_values
 from ..io.convert import convert
@@ -212,7 +212,9 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
     device = hardware.device(config, ranks)
     hardware.setup(config, ranks)
     mean_pattern = raw_mean_pattern(paths, raw)
-    modules = [new_module(config, k, mean_pattern) for k in range(config.train.ensemble)]
+    K = config.train.crossfit
+    modules = [new_module(config, k, mean_pattern) for k in range(max(config.train.ensemble, K))]
+    folds = [fold_positions(grid, config.data.borders, k, K, config.train.seed) for k in range(K)] if K > 1 else None
     start = last_complete_cycle(paths, C) if resume else 0
     if start:
         lasts = ensemble_lasts(torch.load(paths.cycle_weights(start), map_location="cpu"), len(modules))
@@ -226,17 +228,22 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
         t0 = time.perf_counter()
         beta = c / C
         den = str(paths.cycle(c - 1)) if c > 1 else None  # cycle 1 blends raw with raw: the raw cube
-        members = []
+        groups = []  # per module, the networks whose outputs inference averages
         for k, module in enumerate(modules):
             own = train_cycle(module, member_config(config, k), ranks, paths, c, info["raw"], den, beta,
-                              hardware.accelerator(config), hardware.precision(config), member=k)
-            members += own or ([{n: v.detach().clone() for n, v in module.net.state_dict().items()}]
-                               if len(modules) > 1 else [])
+                              hardware.accelerator(config), hardware.precision(config), member=k,
+                              fold=None if folds is None else folds[k])
+            groups.append(own or ([{n: v.detach().clone() for n, v in module.net.state_dict().items()}]
+                                  if len(modules) > 1 else []))
+        members = [m for g in groups for m in g]
         module = modules[0]
         if ranks.is_main:
             paths.cycle_weights(c).parent.mkdir(exist_ok=True)
-            torch.save(weights_state(modules, members), paths.cycle_weights(c))
-            if len(modules) > 1:
+            torch.save(weights_state(modules, members, K), paths.cycle_weights(c))
+            if folds is not None:
+                log.info("cycle %d: each probe position predicted by the network of its fold (train.crossfit %d), "
+                         "the mean of %d networks' outputs (train.average_epochs)", c, K, len(groups[0]))
+            elif len(modules) > 1:
                 log.info("cycle %d: inference averages the outputs of %d networks: %d seeds' (train.ensemble), each "
                          "its last epochs' (train.average_epochs)", c, len(members), len(modules))
             elif len(members) > 1:
@@ -247,14 +254,15 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
         rk.barrier()
         out_arr = zarr.open_array(str(paths.cycle(c)), mode="r+")
         den_arr = zarr.open_array(den, mode="r") if den else None
-        model = averaged(module, members).to(device)
+        model = ([averaged(m, g).to(device) for m, g in zip(modules, groups, strict=True)] if folds is not None
+                 else averaged(module, members).to(device))
         with console.bar(f"cycle {c} inference", grid.n_tiles // ranks.world_size, ranks.is_main) as advance:
             images = infer(model, raw, den_arr, beta, out_arr, borders=config.data.borders,
                            batch_size=config.inference.batch_size, device=device, rank=ranks.rank,
                            world_size=ranks.world_size, cache_chunks=config.data.cache_chunks,
                            autocast=hardware.autocast_dtype(config), progress=advance,
                            threads=hardware.io_threads(ranks.local_world_size), bf_mask=bf_mask,
-                           halo=config.model.halo)
+                           halo=config.model.halo, seed=config.train.seed)
         del model
         for m in modules:
             m.cpu().train()

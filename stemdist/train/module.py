@@ -185,14 +185,17 @@ def averaged(module: Denoiser, members: list[dict]) -> nn.Module:
     return OutputAverage(nets, module.channels_last, module.train_cfg.augment, module.halo)
 
 
-def weights_state(modules: list[Denoiser], members: list[dict]) -> dict:
+def weights_state(modules: list[Denoiser], members: list[dict], folds: int = 1) -> dict:
     """What a weights file holds: the network's state dict, or with several members ``{"last": the live
     weights (what the next cycle or a resume trains on), "average": the members}``; with several modules
-    (``train.ensemble``) also ``"lasts"``, each one's live weights (``"last"`` is the first's)."""
+    (``train.ensemble``, ``train.crossfit``) also ``"lasts"``, each one's live weights (``"last"`` is the
+    first's), and for cross-fitting ``"folds"``: the members are that many equal groups, fold by fold (``predict``
+    on another cube averages them all)."""
     lasts = [m.net.state_dict() for m in modules]
     if len(members) <= 1:
         return lasts[0]
-    return {"last": lasts[0], "average": members, **({"lasts": lasts} if len(lasts) > 1 else {})}
+    return {"last": lasts[0], "average": members, **({"lasts": lasts} if len(lasts) > 1 else {}),
+            **({"folds": folds} if folds > 1 else {})}
 
 
 def split_weights(state: dict) -> tuple[dict, list[dict]]:

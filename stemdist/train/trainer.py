@@ -245,10 +245,11 @@ def trainer(config: Config, ranks: Ranks, paths: RunPaths, cycle: int, accelerat
 
 def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths, cycle: int, raw: str,
                 den: str | None, beta: float, accelerator: str = "cpu", precision: str = "32-true",
-                member: int = 0) -> list[dict]:
-    """Train ``module`` (``train.ensemble`` member ``member``, its seed in ``config``) for one cycle on
-    ``(1 - beta) raw + beta den``, resuming from its last checkpoint. Returns the state dicts of the networks
-    whose outputs inference averages (``train.average_epochs``; empty for 1: the module's own weights)."""
+                member: int = 0, fold: np.ndarray | None = None) -> list[dict]:
+    """Train ``module`` (``train.ensemble`` or ``train.crossfit`` member ``member``, its seed in ``config``) for
+    one cycle on ``(1 - beta) raw + beta den``, resuming from its last checkpoint; ``fold``: flat scan indices
+    that are never targets (its cross-fitting fold). Returns the state dicts of the networks whose outputs
+    inference averages (``train.average_epochs``; empty for 1: the module's own weights)."""
     c = config
     label = f"cycle {cycle}" + (f" member {member}" if member else "")  # for the log
     common = dict(batch_size=c.train.batch_size, borders=c.data.borders, shuffle_tiles=c.data.shuffle_tiles,
@@ -257,7 +258,8 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
     grid = Grid.of(zarr.open_array(raw, mode="r"), c.model.halo)
     holdout = holdout_positions(grid, c.data.borders, c.train.holdout, c.train.seed)
     dataset = NeighbourPatches(raw, den, beta, target=c.train.target, num_workers=c.data.num_workers,
-                               prefetch_factor=c.data.prefetch_factor, holdout=holdout, **common)
+                               prefetch_factor=c.data.prefetch_factor,
+                               holdout=holdout if fold is None else fold, **common)
     if len(holdout):
         # the fewest batches per rank, each as small as it can be: fewer than one repeated sample per batch
         batches = math.ceil(len(holdout) / (ranks.world_size * c.train.batch_size))
@@ -287,6 +289,9 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
         log.info("%s: blend beta %.3f, %d samples per epoch, %d batches of %d per rank, %d repeated samples "
                  "to even out %d shards", label, beta if den else 0.0, plan.total, len(dataset), c.train.batch_size,
                  plan.repeats, dataset.n_shards)
+        if fold is not None:
+            log.info("%s: %d probe positions of fold %d left out (train.crossfit %d): never its targets, and only it "
+                     "predicts them", label, len(fold), member, c.train.crossfit)
         if len(holdout):
             log.info("%s: %d probe positions held out (train.holdout %g): never targets, their Poisson loss "
                      "picks the networks used", label, len(holdout), c.train.holdout)
