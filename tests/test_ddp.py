@@ -69,12 +69,15 @@ def test_torchrun_two_processes(tmp_path, smoke_cube):
 
 
 def test_devices_flag_launches_itself(tmp_path, small_cube):
-    """`stemdist denoise --devices 2` starts its own 2 processes; --resume works the same way."""
+    """`stemdist denoise --devices 2` starts its own 2 processes (here cross-fitting over 2 folds, each network's
+    targets split over the ranks); --resume works the same way."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "stemdist", "denoise", str(small_cube / "noisy"), "--out", str(run), *SMOKE,
-           "--devices", "2", "--set", "train.cycles=2"]
+           "--devices", "2", "--set", "train.cycles=2", "--set", "train.crossfit=2"]
     check(subprocess.run(cmd, env=env(), text=True, capture_output=True, timeout=600))
     assert_complete_run(run, 2)
+    log = (run / "stemdist.log").read_text()
+    assert log.count("left out (train.crossfit 2)") == 4 and "cycle 2 member 1:" in log
     check(subprocess.run(cmd + ["--resume"], env=env(), text=True, capture_output=True, timeout=600))
 
 
