@@ -3,7 +3,9 @@ and ranks, broken inputs and short schedules. Every failure is one line and exit
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import shutil
 import signal
@@ -389,6 +391,10 @@ def test_crossfit_predicts_each_position_by_the_network_never_trained_on_it(npy_
     for k in (0, 1):
         assert f"{(folds == k).sum()} probe positions of fold {k} left out (train.crossfit 2)" in log
         assert f"{(folds != k).sum()} samples per epoch" in log
+        assert f"on fold {k} (never its targets)" in log
+    scored = [r for r in csv.DictReader((whole / "logs" / "losses.csv").open()) if r["phase"] == "poisson"]
+    assert {r["member"] for r in scored} == {"0", "1"}
+    assert all(math.isfinite(float(r["heldout"])) for r in scored)  # each network's loss on its own left-out fold
     state = torch.load(whole / "weights" / "cycle_01.pt", map_location="cpu")
     assert state["folds"] == 2 and len(state["average"]) == 4 and len(state["lasts"]) == 2
     config = load(whole / "config.yaml")

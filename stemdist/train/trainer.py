@@ -260,12 +260,14 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
     dataset = NeighbourPatches(raw, den, beta, target=c.train.target, num_workers=c.data.num_workers,
                                prefetch_factor=c.data.prefetch_factor,
                                holdout=holdout if fold is None else fold, **common)
-    if len(holdout):
+    # scored each epoch: the held-out positions, or the fold a cross-fitting network never has as targets
+    scored = holdout if fold is None else fold
+    if len(scored):
         # the fewest batches per rank, each as small as it can be: fewer than one repeated sample per batch
-        batches = math.ceil(len(holdout) / (ranks.world_size * c.train.batch_size))
-        common["batch_size"] = math.ceil(len(holdout) / (ranks.world_size * batches))
+        batches = math.ceil(len(scored) / (ranks.world_size * c.train.batch_size))
+        common["batch_size"] = math.ceil(len(scored) / (ranks.world_size * batches))
         # scored against the raw counts: a blend's targets would carry the network's own earlier output
-        heldout = NeighbourPatches(raw, den, beta, target="raw", holdout=holdout, heldout=True, **common)
+        heldout = NeighbourPatches(raw, den, beta, target="raw", holdout=scored, heldout=True, **common)
     plan = dataset.plan(0)
     epochs = cycle_epochs(c.train, plan.total)
     if epochs != c.train.epochs and ranks.is_main:
@@ -291,7 +293,8 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
                  plan.repeats, dataset.n_shards)
         if fold is not None:
             log.info("%s: %d probe positions of fold %d left out (train.crossfit %d): never its targets, and only it "
-                     "predicts them", label, len(fold), member, c.train.crossfit)
+                     "predicts them; their Poisson loss is logged each epoch (heldout)", label, len(fold), member,
+                     c.train.crossfit)
         if len(holdout):
             log.info("%s: %d probe positions held out (train.holdout %g): never targets, their Poisson loss "
                      "picks the networks used", label, len(holdout), c.train.holdout)
@@ -308,20 +311,26 @@ def train_cycle(module: Denoiser, config: Config, ranks: Ranks, paths: RunPaths,
         warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")  # validation runs with train.holdout only
         batches = loader(dataset, config, lambda: module.device, pin_memory=accelerator == "gpu")
         val = loader(heldout, config.model_copy(update={"data": c.data.model_copy(update={"num_workers": 0})}),
-                     lambda: module.device) if len(holdout) else None
-        select = val is not None and not c.train.ema
+                     lambda: module.device) if len(scored) else None
+        select = len(holdout) > 0 and not c.train.ema  # a cross-fitting fold is scored, never used to select
         keep = c.train.average_epochs > 1 or select
         every = average_every(c.train, len(dataset))
         snapshots = EpochSnapshots(c.train.average_epochs, select, every) if keep else None
         if ranks.is_main and keep and not select and every > 1:
             log.info("%s: inference averages networks %d epochs apart, back from the last (%d batches per epoch; "
                      "train.average_every)", label, every, len(dataset))
+        fit = trainer(config, ranks, paths, cycle, accelerator, precision, len(dataset), snapshots, val is not None,
+                      member)
         try:
-            trainer(config, ranks, paths, cycle, accelerator, precision, len(dataset), snapshots, val is not None,
-                    member).fit(
-                module, train_dataloaders=batches, val_dataloaders=val, ckpt_path=str(ckpt) if ckpt.exists() else None)
+            fit.fit(module, train_dataloaders=batches, val_dataloaders=val,
+                    ckpt_path=str(ckpt) if ckpt.exists() else None)
         finally:
             batches.close()
+    if ranks.is_main and fold is not None:
+        scores = {k: float(fit.callback_metrics.get(k, math.nan)) for k in ("heldout", "loss_epoch")}
+        log.info("%s: last epoch's Poisson loss %.6g on fold %d (never its targets), %.6g on its targets (during the "
+                 "epoch); the first far above the second: it learned its targets' noise", label, scores["heldout"],
+                 member, scores["loss_epoch"])
     if snapshots is None:
         return []
     if ranks.is_main and select:
