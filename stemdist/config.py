@@ -55,6 +55,10 @@ class ModelConfig(Section):
     head: Literal["square", "mean_exp"] = "square"  # square: the reference; mean_exp: mean pattern x exp(net)
     mean_channel: bool = False  # one more input: the mean pattern (log level), where on the detector a pixel is
     window: Literal[3, 5] = 3  # the blind spot's neighbourhood: 3 x 3 (8 neighbours, the reference) or 5 x 5 (24)
+    # 0: the blind spot (the reference). p > 0: one more input, the centre pattern's own counts, trained by
+    # Poisson thinning (input a binomial p-share of the centre's counts / p, target the rest / (1 - p)); inference
+    # gives it all the centre's counts
+    centre: float = Field(0.0, ge=0, lt=1)
 
     @field_validator("base_width", mode="before")
     @classmethod
@@ -181,6 +185,10 @@ class Config(Section):
         if self.train.ema and self.train.average_epochs > 1:
             raise ValueError(f"train.ema {self.train.ema:g} and train.average_epochs {self.train.average_epochs} are "
                              "two ways to average a cycle's networks: set train.average_epochs: 1 to use the EMA")
+        if self.model.centre and self.train.cycles > 1 and self.train.target == "mix":
+            raise ValueError(f"model.centre {self.model.centre:g} thins the targets' counts, but with train.target: "
+                             f"mix cycles 2-{self.train.cycles} train on blends that are not counts: set train.target: "
+                             "raw or train.cycles: 1")
         if self.train.crossfit > 1 and (self.train.ensemble > 1 or self.train.holdout):
             other = "train.ensemble" if self.train.ensemble > 1 else "train.holdout"
             raise ValueError(f"train.crossfit {self.train.crossfit} trains one network per fold of the positions; "

@@ -52,6 +52,8 @@ def predict_block(model: torch.nn.Module | list[torch.nn.Module], block: torch.T
         i, j = tile_positions(grid, t, borders)
         folds = fold_of((i + y0) * grid.W + (j + x0), len(models), seed)
         rows = [torch.from_numpy(np.flatnonzero(folds == k)).to(device) for k in range(len(models))]
+    if takes_centre(models[0]):  # the centre's own counts as the last channel
+        index = _positions(grid, t, borders, device, centre=True)[2]
     for net, sel in zip(models, rows, strict=True):
         n = len(ii) if sel is None else len(sel)
         for s in range(0, n, batch_size):
@@ -62,20 +64,28 @@ def predict_block(model: torch.nn.Module | list[torch.nn.Module], block: torch.T
     return out
 
 
+def takes_centre(model: torch.nn.Module) -> bool:
+    """Whether the network reads the centre pattern's own counts (``model.centre``) as its last input."""
+    net = getattr(model, "net", model)
+    net = net.members[0] if hasattr(net, "members") else net
+    return bool(getattr(getattr(net, "_orig_mod", net), "centre", False))
+
+
 _POSITIONS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def _positions(grid: Grid, t: int, borders: Borders, device: torch.device
+def _positions(grid: Grid, t: int, borders: Borders, device: torch.device, centre: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tile ``t``'s sample positions ``ii, jj`` and neighbour index, on the device. Tiles share a handful of
     shapes, so they are made once per shape: a copy from pageable memory would wait for the device."""
     y0, y1, x0, x1 = grid.bounds(t)
     sy0, sy1, sx0, sx1 = grid.sample_box(t, borders)
     r = grid.halo
-    key = (y1 - y0, x1 - x0, sy0 - y0, sy1 - y0, sx0 - x0, sx1 - x0, r, str(device))
+    key = (y1 - y0, x1 - x0, sy0 - y0, sy1 - y0, sx0 - x0, sx1 - x0, r, str(device), centre)
     if key not in _POSITIONS:
         ii, jj = tile_positions(grid, t, borders)
-        index = flat_index(np.zeros_like(ii), ii, jj, (y1 - y0 + 2 * r, x1 - x0 + 2 * r), r)[:, :-1]
+        index = flat_index(np.zeros_like(ii), ii, jj, (y1 - y0 + 2 * r, x1 - x0 + 2 * r), r)
+        index = index if centre else index[:, :-1]
         _POSITIONS[key] = tuple(torch.from_numpy(a).to(device) for a in (ii, jj, index))
     return _POSITIONS[key]
 

@@ -203,6 +203,11 @@ def _cycles(paths: RunPaths, info: dict, config: Config, reference: str | Path |
                         "first", 100 * info["not_whole"])
     else:
         setup_logging(None, verbose=False)
+    if config.model.centre and info.get("not_whole"):
+        raise InputError(f"model.centre {config.model.centre:g} splits each pattern's counts in two (binomial "
+                         f"thinning), which needs whole numbers: {100 * info['not_whole']:.1f}% of {info['input']}'s "
+                         "values are not; divide a cube in detector units by one electron's signal first, or set "
+                         "model.centre: 0")
     config, sized = resolve_auto(config, mean_counts(info))
     if sized and ranks.is_main:
         log.info("sized from the counts: %s", sized)

@@ -1,4 +1,5 @@
-"""The blind-spot U-Net: the neighbouring patterns in (8, or 24), the centre pattern out (non-negative rates)."""
+"""The blind-spot U-Net: the neighbouring patterns in (8, or 24; with ``model.centre`` also the centre's own
+counts), the centre pattern out (non-negative rates)."""
 
 from __future__ import annotations
 
@@ -31,20 +32,22 @@ class UNet(nn.Module):
       :meth:`set_mean_pattern` before training.
 
     With ``mean_channel`` one more input channel holds ``log(m / mean(m)) / 4``: where on the detector each pixel lies,
-    as its expected level (needs :meth:`set_mean_pattern` too; measured worse, README, Quality).
+    as its expected level (needs :meth:`set_mean_pattern` too; measured worse, README, Quality). With ``centre``
+    the last data channel is the centre pattern's own counts (``model.centre``: trained on a thinned share of them).
 
     Any detector size works: the input is zero-padded to a multiple of ``2**depth`` and the output
     cropped back.
     """
 
     def __init__(self, in_channels: int = 8, base_width: int = 24, depth: int = 4, head: Head = "square",
-                 mean_channel: bool = False):
+                 mean_channel: bool = False, centre: bool = False):
         super().__init__()
         if head not in ("square", "mean_exp"):
             raise ValueError(f"unknown head {head!r} (square, mean_exp)")
         widths = [base_width * 2**k for k in range(depth + 1)]
         self.depth, self.head_kind, self.mean_channel = depth, head, mean_channel
-        ins = [in_channels + int(mean_channel)] + widths[:-2]
+        self.centre = centre  # the last input channel is the centre pattern's own counts
+        ins = [in_channels + int(centre) + int(mean_channel)] + widths[:-2]
         self.down = nn.ModuleList(block(cin, cout) for cin, cout in zip(ins, widths[:-1], strict=True))
         self.bottleneck = block(widths[-2], widths[-1])
         self.up = nn.ModuleList(nn.ConvTranspose2d(widths[k + 1], widths[k], 2, stride=2) for k in range(depth))

@@ -32,7 +32,8 @@ class Denoiser(pl.LightningModule):
         if model.base_width == "auto":
             raise ValueError(UNRESOLVED.format("model.base_width"))
         self.net = UNet(len(neighbour_offsets(model.halo)), model.base_width, model.depth, model.head,
-                        mean_channel=model.mean_channel)
+                        mean_channel=model.mean_channel, centre=model.centre > 0)
+        self.centre = model.centre
         self.train_cfg = train
         self.halo = model.halo
         self.channels_last = channels_last
@@ -52,6 +53,19 @@ class Denoiser(pl.LightningModule):
     def in_warmup(self) -> bool:
         return self.current_epoch < warmup_epochs(self.train_cfg)
 
+    def thin(self, x: torch.Tensor, y: torch.Tensor, salt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """With ``model.centre`` p: the input gains the centre's thinned counts ``y1 / p`` (``y1`` a binomial
+        p-share of ``y``, drawn from the step, rank and seed) and the target becomes ``(y - y1) / (1 - p)``: an
+        independent Poisson draw of the same rates, so the network cannot learn to copy its input's noise."""
+        if not self.centre:
+            return x, y
+        gen = torch.Generator(device=y.device)
+        gen.manual_seed(hash((self.train_cfg.seed, self.global_step, self.global_rank, salt)) % 2**62)
+        counts = y.float().clamp(min=0).round()
+        y1 = torch.binomial(counts, torch.full_like(counts, self.centre), generator=gen)
+        p = self.centre
+        return torch.cat([x, (y1 / p).to(x.dtype)], dim=1), ((counts - y1) / (1 - p)).to(y.dtype)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         mode = self.train_cfg.augment
@@ -59,6 +73,7 @@ class Denoiser(pl.LightningModule):
         if mode != "none":
             moved = element_of(mode, x.shape, draw(self.train_cfg.seed, self.global_step, self.global_rank))
             x, y = augment(x, y, mode, self.halo, moved)
+        x, y = self.thin(x, y, 0)
         if not self.in_warmup() and self.train_cfg.match_counts and not self.counts_matched:
             self.match_counts(x, y)
         pred = self(x).float()
@@ -80,7 +95,7 @@ class Denoiser(pl.LightningModule):
         not lower it. Not logged in the warm-up, whose output is z-scores."""
         if self.in_warmup():
             return
-        x, y = batch
+        x, y = self.thin(*batch, 1 + batch_idx)
         self.log("heldout", poisson_nll(self(x).float(), y), on_step=False, on_epoch=True, sync_dist=True,
                  batch_size=len(x))
 
