@@ -45,15 +45,14 @@ def predict_block(model: torch.nn.Module | list[torch.nn.Module], block: torch.T
     out = blk[r:y1 - y0 + r, r:x1 - x0 + r].clone()
     # the block's patterns cross to the device once; the neighbour stacks are built there
     patterns = blk.reshape(-1, *blk.shape[2:])
-    ii, jj, index = _positions(grid, t, borders, device)
     models = model if isinstance(model, list) else [model]
+    # the neighbours, and the centre's own counts as the last channel where the network reads them
+    ii, jj, index = _positions(grid, t, borders, device, centre=takes_centre(models[0]))
     rows: list[torch.Tensor | None] = [None]
     if len(models) > 1:
         i, j = tile_positions(grid, t, borders)
         folds = fold_of((i + y0) * grid.W + (j + x0), len(models), seed)
         rows = [torch.from_numpy(np.flatnonzero(folds == k)).to(device) for k in range(len(models))]
-    if takes_centre(models[0]):  # the centre's own counts as the last channel
-        index = _positions(grid, t, borders, device, centre=True)[2]
     for net, sel in zip(models, rows, strict=True):
         n = len(ii) if sel is None else len(sel)
         for s in range(0, n, batch_size):
