@@ -186,9 +186,9 @@ class Config(Section):
             raise ValueError(f"train.ema {self.train.ema:g} and train.average_epochs {self.train.average_epochs} are "
                              "two ways to average a cycle's networks: set train.average_epochs: 1 to use the EMA")
         if self.model.centre and self.train.cycles > 1 and self.train.target == "mix":
-            raise ValueError(f"model.centre {self.model.centre:g} thins the targets' counts, but with train.target: "
-                             f"mix cycles 2-{self.train.cycles} train on blends that are not counts: set train.target: "
-                             "raw or train.cycles: 1")
+            raise ValueError(f"model.centre {self.model.centre:g} thins the targets' counts, but with train.cycles "
+                             f"{self.train.cycles} and train.target: mix every cycle after the first trains on blends, "
+                             "which are not counts: set train.target: raw or train.cycles: 1")
         if self.train.crossfit > 1 and (self.train.ensemble > 1 or self.train.holdout):
             other = "train.ensemble" if self.train.ensemble > 1 else "train.holdout"
             raise ValueError(f"train.crossfit {self.train.crossfit} trains one network per fold of the positions; "

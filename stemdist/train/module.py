@@ -57,13 +57,13 @@ class Denoiser(pl.LightningModule):
         """With ``model.centre`` p: the input gains the centre's thinned counts ``y1 / p`` (``y1`` a binomial
         p-share of ``y``, drawn from the step, rank and seed) and the target becomes ``(y - y1) / (1 - p)``: an
         independent Poisson draw of the same rates, so the network cannot learn to copy its input's noise."""
-        if not self.centre:
+        p = self.centre
+        if not p:
             return x, y
         gen = torch.Generator(device=y.device)
         gen.manual_seed(hash((self.train_cfg.seed, self.global_step, self.global_rank, salt)) % 2**62)
         counts = y.float().clamp(min=0).round()
-        y1 = torch.binomial(counts, torch.full_like(counts, self.centre), generator=gen)
-        p = self.centre
+        y1 = torch.binomial(counts, torch.full_like(counts, p), generator=gen)
         return torch.cat([x, (y1 / p).to(x.dtype)], dim=1), ((counts - y1) / (1 - p)).to(y.dtype)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
