@@ -39,7 +39,7 @@ from functools import cached_property
 import dask.array as da
 import numpy as np
 import zarr
-from scipy import fft, ndimage
+from scipy import fft, ndimage, sparse
 
 from .. import faults
 from ..data.tiles import Grid
@@ -121,6 +121,7 @@ class RegionPlan:
     detector_sigma: float
     detail_gain: float
     choices: dict  # SURE's choices: the total's (s1, s2, g, w), each ring's and sector's split (s, g, shares)
+    share_gain: np.ndarray | None = None  # (P, Q) the network's pattern x this before its shares (radial_gain)
 
     def depth(self) -> int:
         return math.ceil(TRUNCATE * self.share_sigma) + math.ceil(TRUNCATE * self.detail_sigma)
@@ -142,6 +143,8 @@ class RegionPlan:
         """The network's share of its region's total at every pixel, smoothed over the scan by
         ``share_sigma`` (sums to 1 over each region)."""
         lam = np.asarray(den, np.float32)
+        if self.share_gain is not None:
+            lam = lam * self.share_gain
         tot = self.totals(lam)[..., self.labels]
         return scan_smooth(np.where(tot > 1e-12, lam / np.maximum(tot, 1e-12), self.shares.astype(np.float32)),
                            self.share_sigma)
@@ -206,7 +209,9 @@ class RegionPlan:
         split = lambda c: ", ".join(f"({s:g}, {g:.2f}{', mean' if src == 'mean' else ''})"  # noqa: E731
                                     for s, g, src in c)
         return (f"total {total}; rings (s, g) [{split(self.choices['rings'])}]; sectors "
-                f"[{split(self.choices['sectors'])}]; shares s {self.share_sigma:g}; detail s {self.detail_sigma:g}, "
+                f"[{split(self.choices['sectors'])}]; shares s {self.share_sigma:g}, "
+                f"radial gain^{self.choices.get('share_gain', 0):g}; "
+                f"detail s {self.detail_sigma:g}, "
                 f"detector {self.detector_sigma:g}, g {self.detail_gain:.2f}"
                 + self._wiener_summary())
 
@@ -223,19 +228,36 @@ class RegionPlan:
                 "total_dispersion_z": self.choices.get("total_z"),
                 "rings": [{"s": s, "g": g, "shares": src} for s, g, src in self.choices["rings"]],
                 "sectors": [{"s": s, "g": g, "shares": src} for s, g, src in self.choices["sectors"]],
-                "share_sigma": self.share_sigma, "detail_sigma": self.detail_sigma,
+                "share_sigma": self.share_sigma, "share_gain_power": self.choices.get("share_gain", 0.0),
+                "detail_sigma": self.detail_sigma,
                 "detail_detector_sigma": self.detector_sigma, "detail_gain": self.detail_gain,
                 "wiener": self.choices.get("wiener") is not None, "wiener_blend": self.choices.get("wiener")}
 
 
-def region_images(raw, den, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Raw and network counts summed over each detector region, ``(H, W, n)`` each, in one streamed pass."""
+def region_images(raw, den, labels: np.ndarray, den_mean: bool = False) -> tuple[np.ndarray, ...]:
+    """Raw and network counts summed over each detector region, ``(H, W, n)`` each, in one streamed pass
+    (``den_mean``: and the network's mean pattern, read in the same pass)."""
     onehot = np.eye(int(labels.max()) + 1)[labels]
+    lazy = [a if isinstance(a, da.Array) else da.from_zarr(a) for a in (raw, den)]
+    parts = [da.tensordot(a.astype(np.float64), onehot, axes=([2, 3], [0, 1])) for a in lazy]
+    if den_mean:
+        parts.append(lazy[1].astype(np.float64).mean(axis=(0, 1)))
+    return da.compute(*parts)
 
-    def sums(arr) -> da.Array:
-        arr = arr if isinstance(arr, da.Array) else da.from_zarr(arr)
-        return da.tensordot(arr.astype(np.float64), onehot, axes=([2, 3], [0, 1]))
-    return da.compute(sums(raw), sums(den))
+
+def detector_rings(shape: tuple[int, int], center: tuple[float, float]) -> np.ndarray:
+    """``(P, Q)``: each detector pixel's ring, one pixel wide, about ``center`` (0 at the centre)."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return np.hypot(yy - center[0], xx - center[1]).astype(int)
+
+
+def radial_gain(raw_mean: np.ndarray, den_mean: np.ndarray, center: tuple[float, float]) -> np.ndarray:
+    """``(P, Q)``: per ring of the detector one pixel wide about ``center``, the raw mean pattern's counts over
+    the network's (1 where the network has none): the network's mean pattern matched to the data's, radially."""
+    ring = detector_rings(raw_mean.shape, center)
+    num = np.bincount(ring.ravel(), np.asarray(raw_mean, np.float64).ravel())
+    den = np.bincount(ring.ravel(), np.asarray(den_mean, np.float64).ravel())
+    return np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)[ring]
 
 
 def _shares(part: np.ndarray, whole: np.ndarray, fallback: np.ndarray) -> np.ndarray:
@@ -466,7 +488,7 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
     ``halo``: the network's blind-spot window, as in ``model.halo``; ``frame``: positions at the scan's
     edge whose "network" patterns are the counts copied through (``data.borders: copy``), left out of
     the share width's score. ``wiener``: the sectors' totals then filtered by :func:`wiener_regions`."""
-    raw_img, den_img = region_images(raw, den, labels)
+    raw_img, den_img, den_mean = region_images(raw, den, labels, den_mean=True)
     n = raw_img.shape[-1]
     mean_totals = np.bincount(labels.ravel(), weights=np.asarray(mean, np.float64).ravel(), minlength=n)
     fused, choices = top_down(raw_img, den_img, mean_totals, sectors, halo)
@@ -480,6 +502,10 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
     pixel_share = _shares(np.asarray(mean, np.float64), mean_totals[labels], 0.0)
     plan = RegionPlan(labels, pixel_share.astype(np.float32), (fused - den_img).astype(np.float32), 0.0,
                       0.0, 0.0, 0.0, choices)
+    gain = radial_gain(mean, den_mean, find_masks(mean).center)
+    alpha = _choose_gain(raw, den, plan, sample_chunks, gain, mean, frame)
+    choices["share_gain"] = alpha
+    plan = replace(plan, share_gain=(gain ** alpha).astype(np.float32) if alpha else None)
     plan = replace(plan, share_sigma=_choose_shares(raw, den, plan, sample_chunks, share_sigma, frame))
     detail_sigma, detector_sigma, gain = _choose_detail(raw, den, plan, sample_chunks)
     return replace(plan, detail_sigma=detail_sigma, detector_sigma=detector_sigma, detail_gain=gain)
@@ -523,6 +549,40 @@ def _choose_shares(raw, den, plan: RegionPlan, sample_chunks: int, cap: float, f
             err = (scan_smooth(own, s)[inner] * totals - yi) ** 2
             risks[i] += float((err * scored).sum(dtype=np.float64))
     return float(widths[int(np.argmin(risks))])
+
+
+GAIN_POWERS = (0.0, 0.5, 1.0)  # powers of the radial gain tried for the network's shares (0: the network's own)
+
+
+def _choose_gain(raw, den, plan: RegionPlan, sample_chunks: int, gain: np.ndarray, mean: np.ndarray,
+                 frame: int = 0) -> float:
+    """The power ``a`` of the :func:`radial_gain` by which the network's pattern is multiplied before its shares
+    are taken (:data:`GAIN_POWERS`), minimising SURE of ``spread(den · gain**a) · fused totals`` over every
+    pixel of sampled chunks (the shares not smoothed over the scan). Only the detail within regions changes:
+    the region totals are the fused ones. The gain is fitted to the counts of the whole scan, so SURE charges
+    its divergence: ``gain_b`` moves by ``a gain_b / Y_b`` per count in ring ``b`` (``Y_b`` the scan's counts in
+    that ring), and a pixel's share then by ``a · share (1 − S) / Y_b``, ``S`` the share of its region that
+    lies in its ring. The network trained on these counts makes its own shares look a little better than
+    they are (README, Quality: the shares' radial gain)."""
+    H, W = raw.shape[:2]
+    ring = detector_rings(gain.shape, find_masks(mean).center)
+    ring_counts = np.bincount(ring.ravel(), np.asarray(mean, np.float64).ravel()) * H * W  # Y_b
+    inv_y = np.where(ring_counts > 0, 1 / np.maximum(ring_counts, 1e-300), 0.0)[ring].astype(np.float32)
+    _, part = np.unique(plan.labels * (ring.max() + 1) + ring, return_inverse=True)  # (region, ring) of each pixel
+    part = part.ravel()
+    member = sparse.csr_matrix((np.ones(part.size, np.float32), (np.arange(part.size), part)))  # pixel -> part
+    risks = np.zeros(len(GAIN_POWERS))
+    for y, lam, _, (y0, y1, x0, x1), (ya, xa) in _samples(raw, den, sample_chunks, 0):  # no halo: all inner
+        totals = np.maximum(plan.fused_totals(lam, ya, xa), 0)[..., plan.labels]
+        yy_, xx_ = np.mgrid[y0:y1, x0:x1]
+        scored = ((yy_ >= frame) & (yy_ < H - frame) & (xx_ >= frame) & (xx_ < W - frame))[..., None, None]
+        for i, a in enumerate(GAIN_POWERS):
+            share = replace(plan, share_gain=(gain ** a).astype(np.float32)).spread(lam)
+            flat = share.reshape(-1, part.size)
+            inside = np.asarray(member.T.dot(flat.T).T)[:, part].reshape(share.shape)  # S
+            div = a * share * (1 - inside) * inv_y * totals * y
+            risks[i] += float((((share * totals - y) ** 2 + 2 * div) * scored).sum(dtype=np.float64))
+    return float(GAIN_POWERS[int(np.argmin(risks))])
 
 
 def _choose_detail(raw, den, plan: RegionPlan, sample_chunks: int) -> tuple[float, float, float]:
