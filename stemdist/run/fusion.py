@@ -503,7 +503,8 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
     plan = RegionPlan(labels, pixel_share.astype(np.float32), (fused - den_img).astype(np.float32), 0.0,
                       0.0, 0.0, 0.0, choices)
     gain = radial_gain(mean, den_mean, find_masks(mean).center)
-    alpha = _choose_gain(raw, den, plan, sample_chunks, gain, mean, frame)
+    # with a frame (data.borders: copy) the "network" there is the counts copied through: not reshaped
+    alpha = 0.0 if frame else _choose_gain(raw, den, plan, sample_chunks, gain, mean)
     choices["share_gain"] = alpha
     plan = replace(plan, share_gain=(gain ** alpha).astype(np.float32) if alpha else None)
     plan = replace(plan, share_sigma=_choose_shares(raw, den, plan, sample_chunks, share_sigma, frame))
@@ -554,8 +555,7 @@ def _choose_shares(raw, den, plan: RegionPlan, sample_chunks: int, cap: float, f
 GAIN_POWERS = (0.0, 0.5, 1.0)  # powers of the radial gain tried for the network's shares (0: the network's own)
 
 
-def _choose_gain(raw, den, plan: RegionPlan, sample_chunks: int, gain: np.ndarray, mean: np.ndarray,
-                 frame: int = 0) -> float:
+def _choose_gain(raw, den, plan: RegionPlan, sample_chunks: int, gain: np.ndarray, mean: np.ndarray) -> float:
     """The power ``a`` of the :func:`radial_gain` by which the network's pattern is multiplied before its shares
     are taken (:data:`GAIN_POWERS`), minimising SURE of ``spread(den · gain**a) · fused totals`` over every
     pixel of sampled chunks (the shares not smoothed over the scan). Only the detail within regions changes:
@@ -563,7 +563,8 @@ def _choose_gain(raw, den, plan: RegionPlan, sample_chunks: int, gain: np.ndarra
     its divergence: ``gain_b`` moves by ``a gain_b / Y_b`` per count in ring ``b`` (``Y_b`` the scan's counts in
     that ring), and a pixel's share then by ``a · share (1 − S) / Y_b``, ``S`` the share of its region that
     lies in its ring. The network trained on these counts makes its own shares look a little better than
-    they are (README, Quality: the shares' radial gain)."""
+    they are (README, Quality: the shares' radial gain). Not tried with a frame of copied counts
+    (``data.borders: copy``), whose "network" patterns are the counts themselves."""
     H, W = raw.shape[:2]
     ring = detector_rings(gain.shape, find_masks(mean).center)
     ring_counts = np.bincount(ring.ravel(), np.asarray(mean, np.float64).ravel()) * H * W  # Y_b
@@ -572,16 +573,14 @@ def _choose_gain(raw, den, plan: RegionPlan, sample_chunks: int, gain: np.ndarra
     part = part.ravel()
     member = sparse.csr_matrix((np.ones(part.size, np.float32), (np.arange(part.size), part)))  # pixel -> part
     risks = np.zeros(len(GAIN_POWERS))
-    for y, lam, _, (y0, y1, x0, x1), (ya, xa) in _samples(raw, den, sample_chunks, 0):  # no halo: all inner
+    for y, lam, _, _, (ya, xa) in _samples(raw, den, sample_chunks, 0):  # no halo: the whole block is scored
         totals = np.maximum(plan.fused_totals(lam, ya, xa), 0)[..., plan.labels]
-        yy_, xx_ = np.mgrid[y0:y1, x0:x1]
-        scored = ((yy_ >= frame) & (yy_ < H - frame) & (xx_ >= frame) & (xx_ < W - frame))[..., None, None]
         for i, a in enumerate(GAIN_POWERS):
             share = replace(plan, share_gain=(gain ** a).astype(np.float32)).spread(lam)
             flat = share.reshape(-1, part.size)
             inside = np.asarray(member.T.dot(flat.T).T)[:, part].reshape(share.shape)  # S
             div = a * share * (1 - inside) * inv_y * totals * y
-            risks[i] += float((((share * totals - y) ** 2 + 2 * div) * scored).sum(dtype=np.float64))
+            risks[i] += float(((share * totals - y) ** 2 + 2 * div).sum(dtype=np.float64))
     return float(GAIN_POWERS[int(np.argmin(risks))])
 
 
