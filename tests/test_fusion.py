@@ -460,7 +460,7 @@ def test_radial_gain_matches_the_network_mean_pattern_to_the_data_ring_by_ring()
     data = np.exp(-r / 4)
     net = data * np.where(r >= 5, 3.0, 1.0)  # a dark field three times too bright
     net[r.astype(int) == 2] = 0  # a ring the network left empty keeps gain 1
-    gain = fusion.radial_gain(data, net, (7.5, 7.5))
+    gain = fusion.radial_gain(data, net, fusion.detector_rings(data.shape, (7.5, 7.5)))
     assert gain.shape == data.shape
     np.testing.assert_allclose(gain[r >= 6], 1 / 3, rtol=1e-9)
     np.testing.assert_allclose(gain[r < 2], 1.0, rtol=1e-9)

@@ -251,10 +251,9 @@ def detector_rings(shape: tuple[int, int], center: tuple[float, float]) -> np.nd
     return np.hypot(yy - center[0], xx - center[1]).astype(int)
 
 
-def radial_gain(raw_mean: np.ndarray, den_mean: np.ndarray, center: tuple[float, float]) -> np.ndarray:
-    """``(P, Q)``: per ring of the detector one pixel wide about ``center``, the raw mean pattern's counts over
+def radial_gain(raw_mean: np.ndarray, den_mean: np.ndarray, ring: np.ndarray) -> np.ndarray:
+    """``(P, Q)``: per ring of the detector (``ring``: :func:`detector_rings`), the raw mean pattern's counts over
     the network's (1 where the network has none): the network's mean pattern matched to the data's, radially."""
-    ring = detector_rings(raw_mean.shape, center)
     num = np.bincount(ring.ravel(), np.asarray(raw_mean, np.float64).ravel())
     den = np.bincount(ring.ravel(), np.asarray(den_mean, np.float64).ravel())
     return np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)[ring]
@@ -502,11 +501,13 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
     pixel_share = _shares(np.asarray(mean, np.float64), mean_totals[labels], 0.0)
     plan = RegionPlan(labels, pixel_share.astype(np.float32), (fused - den_img).astype(np.float32), 0.0,
                       0.0, 0.0, 0.0, choices)
-    gain = radial_gain(mean, den_mean, find_masks(mean).center)
     # with a frame (data.borders: copy) the "network" there is the counts copied through: not reshaped
-    alpha = 0.0 if frame else _choose_gain(raw, den, plan, sample_chunks, gain, mean)
-    choices["share_gain"] = alpha
-    plan = replace(plan, share_gain=(gain ** alpha).astype(np.float32) if alpha else None)
+    choices["share_gain"] = 0.0
+    if not frame:
+        ring = detector_rings(mean.shape, find_masks(mean).center)
+        gain = radial_gain(mean, den_mean, ring)
+        choices["share_gain"] = alpha = _choose_gain(raw, den, plan, sample_chunks, gain, ring, mean)
+        plan = replace(plan, share_gain=(gain ** alpha).astype(np.float32) if alpha else None)
     plan = replace(plan, share_sigma=_choose_shares(raw, den, plan, sample_chunks, share_sigma, frame))
     detail_sigma, detector_sigma, gain = _choose_detail(raw, den, plan, sample_chunks)
     return replace(plan, detail_sigma=detail_sigma, detector_sigma=detector_sigma, detail_gain=gain)
@@ -555,7 +556,8 @@ def _choose_shares(raw, den, plan: RegionPlan, sample_chunks: int, cap: float, f
 GAIN_POWERS = (0.0, 0.5, 1.0)  # powers of the radial gain tried for the network's shares (0: the network's own)
 
 
-def _choose_gain(raw, den, plan: RegionPlan, sample_chunks: int, gain: np.ndarray, mean: np.ndarray) -> float:
+def _choose_gain(raw, den, plan: RegionPlan, sample_chunks: int, gain: np.ndarray, ring: np.ndarray,
+                 mean: np.ndarray) -> float:
     """The power ``a`` of the :func:`radial_gain` by which the network's pattern is multiplied before its shares
     are taken (:data:`GAIN_POWERS`), minimising SURE of ``spread(den · gain**a) · fused totals`` over every
     pixel of sampled chunks (the shares not smoothed over the scan). Only the detail within regions changes:
@@ -566,7 +568,6 @@ def _choose_gain(raw, den, plan: RegionPlan, sample_chunks: int, gain: np.ndarra
     they are (README, Quality: the shares' radial gain). Not tried with a frame of copied counts
     (``data.borders: copy``), whose "network" patterns are the counts themselves."""
     H, W = raw.shape[:2]
-    ring = detector_rings(gain.shape, find_masks(mean).center)
     ring_counts = np.bincount(ring.ravel(), np.asarray(mean, np.float64).ravel()) * H * W  # Y_b
     inv_y = np.where(ring_counts > 0, 1 / np.maximum(ring_counts, 1e-300), 0.0)[ring].astype(np.float32)
     _, part = np.unique(plan.labels * (ring.max() + 1) + ring, return_inverse=True)  # (region, ring) of each pixel
