@@ -140,8 +140,8 @@ class RegionPlan:
         return np.tensordot(block, self.onehot, axes=([2, 3], [0, 1]))
 
     def spread(self, den: np.ndarray) -> np.ndarray:
-        """The network's share of its region's total at every pixel, smoothed over the scan by
-        ``share_sigma`` (sums to 1 over each region)."""
+        """The network's share of its region's total at every pixel (its pattern times ``share_gain`` first),
+        smoothed over the scan by ``share_sigma`` (sums to 1 over each region)."""
         lam = np.asarray(den, np.float32)
         if self.share_gain is not None:
             lam = lam * self.share_gain
@@ -486,7 +486,8 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
     :func:`stemdist.run.final.fusion_plan` caps it at half the raw bright-field image's SURE width).
     ``halo``: the network's blind-spot window, as in ``model.halo``; ``frame``: positions at the scan's
     edge whose "network" patterns are the counts copied through (``data.borders: copy``), left out of
-    the share width's score. ``wiener``: the sectors' totals then filtered by :func:`wiener_regions`."""
+    the share width's score and given no radial gain (:func:`_choose_gain`). ``wiener``: the sectors' totals
+    then filtered by :func:`wiener_regions`."""
     raw_img, den_img, den_mean = region_images(raw, den, labels, den_mean=True)
     n = raw_img.shape[-1]
     mean_totals = np.bincount(labels.ravel(), weights=np.asarray(mean, np.float64).ravel(), minlength=n)
@@ -504,7 +505,7 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
     # with a frame (data.borders: copy) the "network" there is the counts copied through: not reshaped
     choices["share_gain"] = 0.0
     if not frame:
-        ring = detector_rings(mean.shape, find_masks(mean).center)
+        ring = detector_rings(np.shape(mean), find_masks(mean).center)
         gain = radial_gain(mean, den_mean, ring)
         choices["share_gain"] = alpha = _choose_gain(raw, den, plan, sample_chunks, gain, ring, mean)
         plan = replace(plan, share_gain=(gain ** alpha).astype(np.float32) if alpha else None)
