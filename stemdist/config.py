@@ -159,7 +159,7 @@ class OutputConfig(Section):
     # how SURE chooses the fusion: one width from the raw bright-field image, or widths and weights per
     # detector region from each region's raw and network images (stemdist.run.fusion)
     fuse_by: Literal["bright_field", "regions"] = "regions"
-    fuse_sectors: int = Field(4, ge=1, le=16)  # regions: angular sectors of each ring (centre of mass)
+    fuse_sectors: int = Field(8, ge=1, le=16)  # regions: angular sectors of each ring (centre of mass)
     # regions: each ring's sector harmonics (total, centre-of-mass dipoles, ...) averaged with their Wiener
     # filter over the scan, the fused images' spectrum as the pilot (stemdist.run.fusion.wiener_regions)
     fuse_wiener: bool = True

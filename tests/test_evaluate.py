@@ -48,6 +48,10 @@ def test_evaluate_cli_writes_metrics_and_every_figure(smoke_run):
     assert gain["raw"]["bf_err"] == pytest.approx(1.0) and gain["raw"]["psnr"] == pytest.approx(1.0)
     assert gain["final"]["bf_err"] == pytest.approx((methods["raw"]["bf_err"] / methods["final"]["bf_err"]) ** 2)
     assert gain["final"]["psnr"] == pytest.approx(10 ** ((methods["final"]["psnr"] - methods["raw"]["psnr"]) / 10))
+    # the bar's fused_mean is the run's own fusion (its output.fuse_sectors) with the mean pattern as the network
+    final_plan = zarr.open_group(str(smoke_run / "denoised.zarr"), mode="r")["final"].attrs["fuse_plan"]
+    bar_plan = zarr.open_array(str(smoke_run / "report" / "baselines.zarr" / "fused_mean_wiener")).attrs["fuse_plan"]
+    assert m["baselines"]["fuse_sectors"] == 8 and len(bar_plan["sectors"]) == len(final_plan["sectors"]) == 4 * 8
     sigma = m["baselines"]["sure_sigma"]
     assert zarr.open_array(str(smoke_run / "report" / "baselines.zarr" / "gaussian_sure")).attrs["sigma"] == sigma
     for method in m["methods"].values():

@@ -140,10 +140,11 @@ def compute(arr, sure_sigma: float, sigmas=SIGMAS, rank: int = 8) -> dict[str, t
     return out
 
 
-def fused_mean(arr: zarr.Array, out: zarr.Array, sure_sigma: float, sectors: int = 4, wiener: bool = False) -> dict:
+def fused_mean(arr: zarr.Array, out: zarr.Array, sure_sigma: float, sectors: int = 8, wiener: bool = False) -> dict:
     """Write into ``out`` the raw mean pattern fused with the raw counts by SURE per detector region, as
     ``output.fuse_by: regions`` fuses a network's cube (the shares' width capped at half ``sure_sigma``,
-    as the run's final does; ``wiener``: with its Wiener step); returns the fusion's plan."""
+    as the run's final does; ``sectors`` per ring, as ``output.fuse_sectors``; ``wiener``: with its Wiener
+    step); returns the fusion's plan."""
     from ..run import fusion  # the run's own fusion, with the mean pattern in the network's place
 
     mean = da.from_zarr(arr).astype(np.float64).mean(axis=(0, 1)).compute()
@@ -154,9 +155,9 @@ def fused_mean(arr: zarr.Array, out: zarr.Array, sure_sigma: float, sectors: int
 
 
 def write(arr: zarr.Array, out: str | Path, sure_sigma: float, sigmas=SIGMAS, rank: int = 8,
-          tile: int | None = None) -> dict[str, zarr.Array]:
+          tile: int | None = None, sectors: int = 8) -> dict[str, zarr.Array]:
     """Compute the baselines of ``arr`` into Zarr arrays of the group ``out`` (streamed): the ladder of
-    :func:`compute`, then ``fused_mean``."""
+    :func:`compute`, then ``fused_mean`` with ``sectors`` per ring (the run's ``output.fuse_sectors``)."""
     tile = tile or arr.chunks[0]
     group = zarr.open_group(str(out), mode="a")
     written = {}
@@ -168,7 +169,7 @@ def write(arr: zarr.Array, out: str | Path, sure_sigma: float, sigmas=SIGMAS, ra
         written[name] = z
     for name, wiener in (("fused_mean", False), ("fused_mean_wiener", True)):
         z = create_cube(group, name, tuple(arr.shape), tile, "float32", overwrite=True, attrs={"baseline": name})
-        z.attrs["fuse_plan"] = fused_mean(arr, z, sure_sigma, wiener=wiener)
+        z.attrs["fuse_plan"] = fused_mean(arr, z, sure_sigma, sectors, wiener=wiener)
         mark_complete(z)
         written[name] = z
     return written

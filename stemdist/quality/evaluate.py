@@ -92,13 +92,11 @@ def estimates(paths: RunPaths, raw: zarr.Array) -> dict[str, zarr.Array]:
     return out
 
 
-def _halo(paths: RunPaths) -> int:
-    """The run's blind-spot halo (``model.window // 2``; 1 for runs without a saved configuration)."""
-    if not paths.config.exists():
-        return 1
+def _run_config(paths: RunPaths):
+    """The run's saved configuration, or the default one for runs saved without it."""
     from ..config import load
 
-    return load(paths.config).model.halo
+    return load(paths.config if paths.config.exists() else None)
 
 
 def evaluate(run_dir: str | Path, truth: str | Path | None = None, reference: str | Path | None = None, *,
@@ -119,10 +117,11 @@ def evaluate(run_dir: str | Path, truth: str | Path | None = None, reference: st
         raise InputError(f"{paths.root}: the run has no complete final cube yet (finish it with --resume)")
 
     masks = find_masks(mean_pattern(raw), threshold, center, bf_radius, adf_inner, adf_outer)
-    sure_sigma = None
+    sure_sigma, config = None, _run_config(paths)
+    sectors = config.output.fuse_sectors  # the bar's fused_mean fuses as the run did, the mean pattern its "network"
     if with_baselines:
         sure_sigma = sure.sure_sigma(np.load(paths.raw_bf))
-        written = bl.write(raw, out_dir / "baselines.zarr", sure_sigma, sigmas, rank=pca_rank)
+        written = bl.write(raw, out_dir / "baselines.zarr", sure_sigma, sigmas, rank=pca_rank, sectors=sectors)
         cubes.update(written)
 
     against, truth_arr, truth_desc = None, None, None
@@ -144,7 +143,8 @@ def evaluate(run_dir: str | Path, truth: str | Path | None = None, reference: st
 
     result = {"run": str(paths.root), "raw": info["raw"], "shape": list(raw.shape), "against": against,
               "truth": truth_desc, "masks": masks.to_dict(), "definitions": DEFINITIONS,
-              "baselines": {"gaussian_sigmas": list(sigmas), "sure_sigma": sure_sigma, "pca_rank": pca_rank}
+              "baselines": {"gaussian_sigmas": list(sigmas), "sure_sigma": sure_sigma, "pca_rank": pca_rank,
+                            "fuse_sectors": sectors}
               if with_baselines else None}
     if truth_arr is not None:
         metrics, virtual, tv, data_range = evaluate_cubes(cubes, truth_arr, masks)
@@ -152,7 +152,7 @@ def evaluate(run_dir: str | Path, truth: str | Path | None = None, reference: st
         result["methods"] = metrics
         result["best_baselines"] = best_baselines(metrics) if with_baselines else None
         result["dose_gain"] = dose_gains(metrics)
-        result["blind_spot"] = blind_spot_reference(tv, _halo(paths))
+        result["blind_spot"] = blind_spot_reference(tv, config.model.halo)
         truth_name = "truth" if against == "truth" else "high-dose reference (scaled)"
         images = {**virtual, truth_name: tv}
     else:

@@ -47,7 +47,7 @@ from ..quality.metrics import find_masks
 from ..quality.sure import FUSION_S2, TRUNCATE, dispersion_z, fusion_choice, own_weights, scan_smooth, self_weights
 
 RINGS = (1.0, 1.2, 3.0)  # region edges in disk radii: bright-field disk, gap, dark-field ring (evaluate's), beyond
-SECTORS = 4  # quadrants per ring
+SECTORS = 8  # sectors per ring (output.fuse_sectors' default)
 
 
 @dataclass(frozen=True)
