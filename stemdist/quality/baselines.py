@@ -140,7 +140,7 @@ def compute(arr, sure_sigma: float, sigmas=SIGMAS, rank: int = 8) -> dict[str, t
     return out
 
 
-def fused_mean(arr: zarr.Array, out: zarr.Array, sure_sigma: float, sectors: int = 8, wiener: bool = False) -> dict:
+def fused_mean(arr: zarr.Array, out: zarr.Array, sure_sigma: float, sectors: int, wiener: bool = False) -> dict:
     """Write into ``out`` the raw mean pattern fused with the raw counts by SURE per detector region, as
     ``output.fuse_by: regions`` fuses a network's cube (the shares' width capped at half ``sure_sigma``,
     as the run's final does; ``sectors`` per ring, as ``output.fuse_sectors``; ``wiener``: with its Wiener

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dask.array as da
 import numpy as np
@@ -24,6 +25,9 @@ from . import figures as fig
 from . import sure
 from .metrics import DEFINITIONS, Masks, blind_spot_reference, evaluate_cubes, find_masks, mean_pattern
 from .metrics import virtual_images_lazy as lazy_virtual
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 COLUMNS = ("psnr", "psnr_interior", "ssim", "rel_rmse", "bf_err", "adf_err", "com_y_err", "com_x_err")
 HEADLINE = ("psnr", "bf_err", "adf_err", "com_y_err", "com_x_err")  # what users look at, and the goals' columns
@@ -92,7 +96,7 @@ def estimates(paths: RunPaths, raw: zarr.Array) -> dict[str, zarr.Array]:
     return out
 
 
-def _run_config(paths: RunPaths):
+def _run_config(paths: RunPaths) -> Config:
     """The run's saved configuration, or the default one for runs saved without it."""
     from ..config import load
 
