@@ -30,7 +30,7 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import zarr
-from scipy import ndimage
+from scipy import linalg, ndimage
 
 from ..io.zarr_store import create_cube
 from ..layout import mark_complete
@@ -93,8 +93,8 @@ def pca_basis(arr, rank: int, exact: bool | None = None, seed: int = 0) -> tuple
             gram += x.T @ x
         mu = total / n
         cov = gram / n - np.outer(mu, mu)
-        w, v = np.linalg.eigh(cov)
-        return mu, v[:, np.argsort(w)[::-1][:rank]]
+        w, v = linalg.eigh(cov, subset_by_index=[m - rank, m - 1])  # the top ``rank`` only: half the time
+        return mu, v[:, np.argsort(w)[::-1]]
     mu = d.astype(np.float64).mean(axis=(0, 1)).compute().ravel()
     x = d.astype(np.float64).reshape(n, m) - mu
     x = x.rechunk({0: max(1, min(n, int(2**25 // (8 * m)))), 1: -1})
