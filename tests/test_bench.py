@@ -16,6 +16,7 @@ HEADLINES = {
     "infer": r"infer ratio (\d+\.\d+) \(goal >= 0\.8\)",
     "train": r"train data-wait (\d+\.\d+)% \(goal <= 5%\)",
     "memory": r"memory growth (-?\d+\.\d+)% \(goal <= 5%\)",
+    "fusion": r"fusion plan (\d+\.\d+) s at 16x16 \(goal <= 60 s\)",
     "gpu": r"gpu checks: (\d+) passed, (\d+) skipped, 0 failed on .+",
     "downstream": r"stemdist has the lowest error in (\d+) of (\d+) \(dose, analysis\) pairs .*",
 }
@@ -56,6 +57,10 @@ def test_bench_smoke_figures(name, tmp_path):
         assert _row(lines, "exit status 0")[2] == "ok"  # torchrun with one process
         speed = _row(lines, "16x16")
         assert float(speed[1].replace(",", "")) > 0 and float(speed[3].replace(",", "")) > 0
+    elif name == "fusion":  # the plan scores the one chunk of the 8x8 scan; the write fuses all 64 patterns
+        row = _row(lines, "16x16")
+        assert row[2] == "1 of 1" and float(row[3]) == value > 0
+        assert float(row[5].replace(",", "")) > 0
     elif name == "train":
         assert 0 <= value < 100 and float(_row(lines, "1")[1].replace(",", "")) > 0
     elif name == "downstream":  # other packages' analyses of every method's cube, scored against the truth's

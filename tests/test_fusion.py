@@ -154,6 +154,37 @@ def test_regions_fusion_chunk_by_chunk_equals_the_whole_cube_and_keeps_region_to
     np.testing.assert_allclose(plan.totals(whole), totals, rtol=1e-4, atol=1e-3)
     np.testing.assert_array_equal(raw[...], raw_np)  # the inputs are left as they were
     np.testing.assert_array_equal(den[...], den_np)
+    # with smoothed shares and the counts' detail each chunk computes its centre only, from the same halo
+    detailed = replace(plan, share_sigma=1.5, detail_sigma=1.0, detector_sigma=1.0, detail_gain=0.5)
+    out = create_cube(tmp_path / "detailed.zarr", None, raw_np.shape, 7, "float32")
+    fusion.fuse_into(out, raw, den, detailed, threads=2)
+    np.testing.assert_allclose(out[...], detailed.apply(raw_np, den_np), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out[...], whole, atol=1e-2)  # the detail and the smoothing did change it
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.5, 1.25, 4.0])
+def test_scan_smooth_at_equals_smoothing_everything_and_keeping_a_part(sigma):
+    a = np.random.default_rng(0).random((11, 9, 3, 2), dtype=np.float32)
+    for rows, cols in [(slice(0, 11), slice(0, 9)), (slice(3, 8), slice(2, 5)), (slice(0, 2), slice(7, 9))]:
+        np.testing.assert_allclose(sure.scan_smooth_at(a, sigma, rows, cols), sure.scan_smooth(a, sigma)[rows, cols],
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("detector_sigma", [0.0, 1.0, 2.0])
+def test_detail_own_is_the_diagonal_of_the_detail_map(detector_sigma):
+    rng = np.random.default_rng(3)
+    _, truth, _, labels = disk_cube(rng, H=1, W=1)
+    plan = fusion.RegionPlan(labels=labels, shares=np.full(labels.shape, 1 / 16, np.float32),
+                             correction=np.zeros((1, 1, labels.max() + 1), np.float32), share_sigma=0.0,
+                             detail_sigma=0.0, detector_sigma=detector_sigma, detail_gain=1.0, choices={})
+    share = plan.spread(truth.astype(np.float32))
+    P, Q = labels.shape
+    diagonal = np.zeros((P, Q))
+    for k in np.ndindex(P, Q):  # the map is linear in the counts: its response to each pixel alone
+        e = np.zeros((1, 1, P, Q), np.float32)
+        e[(0, 0) + k] = 1
+        diagonal[k] = plan.detail(e, share, detector_sigma)[(0, 0) + k]
+    np.testing.assert_allclose(plan.detail_own(share, detector_sigma)[0, 0], diagonal, atol=1e-5)
 
 
 def test_regions_fusion_beats_the_network_and_the_single_width_fusion(tmp_path):

@@ -22,6 +22,8 @@ BENCHMARKS = {  # name -> (module, one-line help)
                                  "ptychography) on raw, Gaussian, PCA and stemdist cubes, scored against the truth's"),
     "materials": ("materials", "simulate (abTEM, once, cached) the cubes of other crystals and scan steps that "
                                "`bench quality --materials` scores on"),
+    "fusion": ("fuse", "the final cube's fusion with the raw counts: the plan's seconds and the write's "
+                       "patterns/s per detector size"),
     "memory": ("memory", "peak RSS of `stemdist denoise` on synthetic cubes of growing size (GBs on disk)"),
 }
 

@@ -44,7 +44,16 @@ from scipy import fft, ndimage, sparse
 from .. import faults
 from ..data.tiles import Grid
 from ..quality.metrics import find_masks
-from ..quality.sure import FUSION_S2, TRUNCATE, dispersion_z, fusion_choice, own_weights, scan_smooth, self_weights
+from ..quality.sure import (
+    FUSION_S2,
+    TRUNCATE,
+    dispersion_z,
+    fusion_choice,
+    own_weights,
+    scan_smooth,
+    scan_smooth_at,
+    self_weights,
+)
 
 RINGS = (1.0, 1.2, 3.0)  # region edges in disk radii: bright-field disk, gap, dark-field ring (evaluate's), beyond
 SECTORS = 8  # sectors per ring (output.fuse_sectors' default)
@@ -66,8 +75,12 @@ class Plan:
         """Scan positions of halo a chunk needs."""
         return math.ceil(TRUNCATE * self.sigma / 2) + math.ceil(TRUNCATE * self.sigma)
 
-    def apply(self, raw: np.ndarray, den: np.ndarray, y0: int = 0, x0: int = 0) -> np.ndarray:
-        """The fused block (float32, clipped at 0); the inputs are left as they are."""
+    def apply(self, raw: np.ndarray, den: np.ndarray, y0: int = 0, x0: int = 0,
+              inner: tuple[slice, slice] | None = None) -> np.ndarray:
+        """The fused block (float32, clipped at 0), or only its ``inner`` positions; the inputs are left as
+        they are."""
+        if inner is not None:
+            return self.apply(raw, den, y0, x0)[inner]
         den32 = np.asarray(den, np.float32)
         if self.sigma == 0:
             return den32
@@ -139,15 +152,16 @@ class RegionPlan:
         """Sums over each region, ``(h, w, n)``."""
         return np.tensordot(block, self.onehot, axes=([2, 3], [0, 1]))
 
-    def spread(self, den: np.ndarray) -> np.ndarray:
+    def spread(self, den: np.ndarray, at: tuple[slice, slice] | None = None) -> np.ndarray:
         """The network's share of its region's total at every pixel (its pattern times ``share_gain`` first),
-        smoothed over the scan by ``share_sigma`` (sums to 1 over each region)."""
+        smoothed over the scan by ``share_sigma`` (sums to 1 over each region); at the positions ``at`` only,
+        if given."""
         lam = np.asarray(den, np.float32)
         if self.share_gain is not None:
             lam = lam * self.share_gain
         tot = self.totals(lam)[..., self.labels]
-        return scan_smooth(np.where(tot > 1e-12, lam / np.maximum(tot, 1e-12), self.shares.astype(np.float32)),
-                           self.share_sigma)
+        own = np.where(tot > 1e-12, lam / np.maximum(tot, 1e-12), self.shares.astype(np.float32))
+        return scan_smooth(own, self.share_sigma) if at is None else scan_smooth_at(own, self.share_sigma, *at)
 
     def detail(self, raw: np.ndarray, share: np.ndarray, detector_sigma: float) -> np.ndarray:
         """The counts less their region totals spread by ``share``, smoothed over the detector, less what
@@ -168,11 +182,15 @@ class RegionPlan:
         own = np.outer(self_weights(P, detector_sigma), self_weights(Q, detector_sigma)).astype(np.float32)
         spread_back = np.zeros_like(share)  # (G_d (share · 1_R))_k for k in R: what the smoothing of the shares returns
         kept = np.zeros(self.labels.shape, np.float32)  # (G_d 1_R)_k: how much of k's own region stays in it
-        for r in range(self.n):
+        rad = int(TRUNCATE * detector_sigma + 0.5)  # SciPy's kernel radius: the smoothing of a region's
+        for r in range(self.n):                        # pixels reads its bounding box and this margin only
             m = self.labels == r
             if not m.any():
                 continue
-            spread_back[..., m] = _detector_smooth(share * m, detector_sigma)[..., m]
+            ys, xs = np.nonzero(m)
+            box = slice(max(ys.min() - rad, 0), ys.max() + rad + 1), slice(max(xs.min() - rad, 0), xs.max() + rad + 1)
+            mb = m[box]
+            spread_back[..., m] = _detector_smooth(share[..., box[0], box[1]] * mb, detector_sigma)[..., mb]
             kept[m] = ndimage.gaussian_filter(m.astype(np.float32), detector_sigma, truncate=TRUNCATE,
                                               mode="reflect")[m]
         second = kept - self.totals(kept * share)[..., self.labels]  # the projection's own weight, over the share
@@ -182,14 +200,25 @@ class RegionPlan:
         h, w = den.shape[:2]
         return self.totals(np.asarray(den, np.float32)) + self.correction[y0:y0 + h, x0:x0 + w]
 
-    def apply(self, raw: np.ndarray, den: np.ndarray, y0: int = 0, x0: int = 0) -> np.ndarray:
-        """The fused block whose first position is ``(y0, x0)`` of the scan (float32, non-negative)."""
-        share = self.spread(den)
-        totals = np.maximum(self.fused_totals(den, y0, x0), 0)
-        out = share * totals[..., self.labels]
+    def apply(self, raw: np.ndarray, den: np.ndarray, y0: int = 0, x0: int = 0,
+              inner: tuple[slice, slice] | None = None) -> np.ndarray:
+        """The fused block whose first position is ``(y0, x0)`` of the scan (float32, non-negative), or only
+        its ``inner`` positions (the rest being their halo): each step is then computed where a later one
+        reads it, no farther."""
+        h, w = den.shape[:2]
+        rows, cols = (slice(0, h), slice(0, w)) if inner is None else (
+            slice(*inner[0].indices(h)[:2]), slice(*inner[1].indices(w)[:2]))
+        reach = math.ceil(TRUNCATE * self.detail_sigma) if self.detail_gain else 0  # the detail's smoothing
+        mid = (slice(max(rows.start - reach, 0), min(rows.stop + reach, h)),
+               slice(max(cols.start - reach, 0), min(cols.stop + reach, w)))
+        here = (slice(rows.start - mid[0].start, rows.stop - mid[0].start),
+                slice(cols.start - mid[1].start, cols.stop - mid[1].start))  # inner within mid
+        share = self.spread(den, mid)
+        totals = np.maximum(self.fused_totals(den[rows, cols], y0 + rows.start, x0 + cols.start), 0)
+        out = share[here] * totals[..., self.labels]
         if self.detail_gain:
-            out += np.float32(self.detail_gain) * scan_smooth(self.detail(raw, share, self.detector_sigma),
-                                                        self.detail_sigma)
+            detail = self.detail(raw[mid], share, self.detector_sigma)
+            out += np.float32(self.detail_gain) * scan_smooth_at(detail, self.detail_sigma, *here)
         return self.clip(out, totals)
 
     def clip(self, out: np.ndarray, totals: np.ndarray) -> np.ndarray:
@@ -549,7 +578,7 @@ def _choose_shares(raw, den, plan: RegionPlan, sample_chunks: int, cap: float, f
         yy, xx = np.mgrid[y0:y1, x0:x1]
         scored = ((yy >= frame) & (yy < H - frame) & (xx >= frame) & (xx < W - frame))[..., None, None]
         for i, s in enumerate(widths):
-            err = (scan_smooth(own, s)[inner] * totals - yi) ** 2
+            err = (scan_smooth_at(own, s, *inner) * totals - yi) ** 2
             risks[i] += float((err * scored).sum(dtype=np.float64))
     return float(widths[int(np.argmin(risks))])
 
@@ -603,10 +632,10 @@ def _choose_detail(raw, den, plan: RegionPlan, sample_chunks: int) -> tuple[floa
         b = si * np.maximum(plan.fused_totals(lam, ya, xa), 0)[inner][..., plan.labels] - yi
         for d in DETAIL_DETECTOR:
             detail = plan.detail(y, share, d)
-            own_d = plan.detail_own(share, d)[inner]
+            own_d = plan.detail_own(share[inner], d)  # per position: the centre alone
             for s in DETAIL_SIGMAS:
                 i = cands.index((s, d))
-                corr = scan_smooth(detail, s)[inner]
+                corr = scan_smooth_at(detail, s, *inner)
                 own_s = own_scan[s][y0:y1, x0:x1, None, None]
                 stats[i] += (float((corr * b).sum(dtype=np.float64)), float((corr * corr).sum(dtype=np.float64)),
                              float((own_s * own_d * yi).sum(dtype=np.float64)))
@@ -648,8 +677,8 @@ def fuse_chunk(raw, den, out: zarr.Array, cy: int, cx: int, plan: Plan | RegionP
     h = plan.depth()
     ya, yb, xa, xb = max(y0 - h, 0), min(y1 + h, H), max(x0 - h, 0), min(x1 + h, W)
     ys, xs = slice(ya, yb), slice(xa, xb)
-    fused = plan.apply(_region(raw, ys, xs), _region(den, ys, xs), ya, xa)
-    out[y0:y1, x0:x1] = fused[y0 - ya:y1 - ya, x0 - xa:x1 - xa]
+    out[y0:y1, x0:x1] = plan.apply(_region(raw, ys, xs), _region(den, ys, xs), ya, xa,
+                                   inner=(slice(y0 - ya, y1 - ya), slice(x0 - xa, x1 - xa)))
 
 
 def fuse_into(out: zarr.Array, raw, den, plan: Plan | RegionPlan | float, detector_sigma: float = 1.0, *,
