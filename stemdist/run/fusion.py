@@ -152,6 +152,12 @@ class RegionPlan:
         """Sums over each region, ``(h, w, n)``."""
         return np.tensordot(block, self.onehot, axes=([2, 3], [0, 1]))
 
+    def expand(self, per_region: np.ndarray) -> np.ndarray:
+        """``(..., n)`` values per region to ``(..., P, Q)``: each pixel its region's (a flat ``take``, about 3x
+        faster than indexing by the label image)."""
+        flat = np.take(per_region.reshape(-1, self.n), self.labels.ravel(), axis=1)
+        return flat.reshape(per_region.shape[:-1] + self.labels.shape)
+
     def spread(self, den: np.ndarray, at: tuple[slice, slice] | None = None) -> np.ndarray:
         """The network's share of its region's total at every pixel (its pattern times ``share_gain`` first),
         smoothed over the scan by ``share_sigma`` (sums to 1 over each region); at the positions ``at`` only,
@@ -159,7 +165,7 @@ class RegionPlan:
         lam = np.asarray(den, np.float32)
         if self.share_gain is not None:
             lam = lam * self.share_gain
-        tot = self.totals(lam)[..., self.labels]
+        tot = self.expand(self.totals(lam))
         own = np.where(tot > 1e-12, lam / np.maximum(tot, 1e-12), self.shares.astype(np.float32))
         return scan_smooth(own, self.share_sigma) if at is None else scan_smooth_at(own, self.share_sigma, *at)
 
@@ -167,10 +173,10 @@ class RegionPlan:
         """The counts less their region totals spread by ``share``, smoothed over the detector, less what
         that smoothing moved between regions: 0 summed over every region."""
         y = np.asarray(raw, np.float32)
-        d = y - share * self.totals(y)[..., self.labels]
+        d = y - share * self.expand(self.totals(y))
         if detector_sigma:
             d = _detector_smooth(d, detector_sigma)
-            d -= share * self.totals(d)[..., self.labels]
+            d -= share * self.expand(self.totals(d))
         return d
 
     def detail_own(self, share: np.ndarray, detector_sigma: float) -> np.ndarray:
@@ -193,7 +199,7 @@ class RegionPlan:
             spread_back[..., m] = _detector_smooth(share[..., box[0], box[1]] * mb, detector_sigma)[..., mb]
             kept[m] = ndimage.gaussian_filter(m.astype(np.float32), detector_sigma, truncate=TRUNCATE,
                                               mode="reflect")[m]
-        second = kept - self.totals(kept * share)[..., self.labels]  # the projection's own weight, over the share
+        second = kept - self.expand(self.totals(kept * share))  # the projection's own weight, over the share
         return own - spread_back - share * second
 
     def fused_totals(self, den: np.ndarray, y0: int, x0: int) -> np.ndarray:
@@ -215,7 +221,7 @@ class RegionPlan:
                 slice(cols.start - mid[1].start, cols.stop - mid[1].start))  # inner within mid
         share = self.spread(den, mid)
         totals = np.maximum(self.fused_totals(den[rows, cols], y0 + rows.start, x0 + cols.start), 0)
-        out = share[here] * totals[..., self.labels]
+        out = share[here] * self.expand(totals)
         if self.detail_gain:
             detail = self.detail(raw[mid], share, self.detector_sigma)
             out += np.float32(self.detail_gain) * scan_smooth_at(detail, self.detail_sigma, *here)
@@ -226,7 +232,7 @@ class RegionPlan:
         np.maximum(out, 0, out=out)
         kept = self.totals(out)
         scale = np.where(kept > 0, totals / np.maximum(kept, 1e-30), 0).astype(np.float32)
-        out *= scale[..., self.labels]
+        out *= self.expand(scale)
         return out
 
     def summary(self) -> str:
@@ -573,7 +579,7 @@ def _choose_shares(raw, den, plan: RegionPlan, sample_chunks: int, cap: float, f
     H, W = raw.shape[:2]
     for y, lam, inner, (y0, y1, x0, x1), (ya, xa) in _samples(raw, den, sample_chunks,
                                                               math.ceil(TRUNCATE * max(widths))):
-        totals = np.maximum(plan.fused_totals(lam, ya, xa), 0)[inner][..., plan.labels]
+        totals = plan.expand(np.maximum(plan.fused_totals(lam, ya, xa), 0)[inner])
         yi, own = y[inner], plan.spread(lam)  # plan.share_sigma is 0 here: the shares as they are
         yy, xx = np.mgrid[y0:y1, x0:x1]
         scored = ((yy >= frame) & (yy < H - frame) & (xx >= frame) & (xx < W - frame))[..., None, None]
@@ -605,7 +611,7 @@ def _choose_gain(raw, den, plan: RegionPlan, sample_chunks: int, gain: np.ndarra
     member = sparse.csr_matrix((np.ones(part.size, np.float32), (np.arange(part.size), part)))  # pixel -> part
     risks = np.zeros(len(GAIN_POWERS))
     for y, lam, _, _, (ya, xa) in _samples(raw, den, sample_chunks, 0):  # no halo: the whole block is scored
-        totals = np.maximum(plan.fused_totals(lam, ya, xa), 0)[..., plan.labels]
+        totals = plan.expand(np.maximum(plan.fused_totals(lam, ya, xa), 0))
         for i, a in enumerate(GAIN_POWERS):
             share = replace(plan, share_gain=(gain ** a).astype(np.float32)).spread(lam)
             flat = share.reshape(-1, part.size)
@@ -629,7 +635,7 @@ def _choose_detail(raw, den, plan: RegionPlan, sample_chunks: int) -> tuple[floa
     for y, lam, inner, (y0, y1, x0, x1), (ya, xa) in _samples(raw, den, sample_chunks, halo):
         share = plan.spread(lam)
         yi, si = y[inner], share[inner]
-        b = si * np.maximum(plan.fused_totals(lam, ya, xa), 0)[inner][..., plan.labels] - yi
+        b = si * plan.expand(np.maximum(plan.fused_totals(lam, ya, xa), 0)[inner]) - yi
         for d in DETAIL_DETECTOR:
             detail = plan.detail(y, share, d)
             own_d = plan.detail_own(share[inner], d)  # per position: the centre alone
