@@ -549,19 +549,35 @@ def choose_regions(raw, den, labels: np.ndarray, mean: np.ndarray, sectors: int 
     return replace(plan, detail_sigma=detail_sigma, detector_sigma=detector_sigma, detail_gain=gain)
 
 
-def _samples(raw, den, sample_chunks: int, halo: int):
-    """Up to ``sample_chunks`` scan chunks spread over the scan, each with ``halo`` positions around it:
-    ``(y, lam, inner, (y0, y1, x0, x1), (ya, xa))``: counts, network, the chunk inside the block, its bounds
-    and the block's corner."""
+def _sample(raw, den, grid: Grid, t: int, halo: int):
+    """Scan chunk ``t`` with ``halo`` positions around it: ``(y, lam, inner, (y0, y1, x0, x1), (ya, xa))``:
+    counts, network, the chunk inside the block, its bounds and the block's corner."""
+    H, W = raw.shape[:2]
+    y0, y1, x0, x1 = grid.bounds(int(t))
+    ya, yb, xa, xb = max(y0 - halo, 0), min(y1 + halo, H), max(x0 - halo, 0), min(x1 + halo, W)
+    y = _region(raw, slice(ya, yb), slice(xa, xb)).astype(np.float32)
+    lam = _region(den, slice(ya, yb), slice(xa, xb)).astype(np.float32)
+    return y, lam, (slice(y0 - ya, y1 - ya), slice(x0 - xa, x1 - xa)), (y0, y1, x0, x1), (ya, xa)
+
+
+def _summed(score, raw, den, sample_chunks: int, halo: int) -> np.ndarray:
+    """``score(sample)`` (an array) summed over up to ``sample_chunks`` scan chunks spread over the scan, each
+    read with ``halo`` positions around it (:func:`_sample`). Chunks are scored up to :func:`_threads` at once
+    (NumPy and SciPy release the GIL) and summed in their order, so the sum does not depend on the threads."""
     grid = Grid.of(raw)
     picks = sorted(set(np.linspace(0, grid.n_tiles - 1, min(sample_chunks, grid.n_tiles)).round().astype(int)))
-    H, W = raw.shape[:2]
-    for t in picks:
-        y0, y1, x0, x1 = grid.bounds(int(t))
-        ya, yb, xa, xb = max(y0 - halo, 0), min(y1 + halo, H), max(x0 - halo, 0), min(x1 + halo, W)
-        y = _region(raw, slice(ya, yb), slice(xa, xb)).astype(np.float32)
-        lam = _region(den, slice(ya, yb), slice(xa, xb)).astype(np.float32)
-        yield y, lam, (slice(y0 - ya, y1 - ya), slice(x0 - xa, x1 - xa)), (y0, y1, x0, x1), (ya, xa)
+    with ThreadPoolExecutor(_threads()) as pool:
+        scores = list(pool.map(lambda t: np.asarray(score(_sample(raw, den, grid, t, halo)), np.float64), picks))
+    total = np.zeros_like(scores[0])
+    for x in scores:
+        total += x
+    return total
+
+
+def _threads() -> int:
+    """Threads for the fusion's chunks: up to 4 of this process's CPUs (each holds a block and its halo)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(4, cpus))
 
 
 def _choose_shares(raw, den, plan: RegionPlan, sample_chunks: int, cap: float, frame: int = 0) -> float:
@@ -575,17 +591,18 @@ def _choose_shares(raw, den, plan: RegionPlan, sample_chunks: int, cap: float, f
     widths = sorted({s for s in SHARE_SIGMAS if s < cap} | {float(cap)})
     if len(widths) == 1:
         return widths[0]
-    risks = np.zeros(len(widths))
     H, W = raw.shape[:2]
-    for y, lam, inner, (y0, y1, x0, x1), (ya, xa) in _samples(raw, den, sample_chunks,
-                                                              math.ceil(TRUNCATE * max(widths))):
+
+    def score(sample) -> list[float]:
+        y, lam, inner, (y0, y1, x0, x1), (ya, xa) = sample
         totals = plan.expand(np.maximum(plan.fused_totals(lam, ya, xa), 0)[inner])
         yi, own = y[inner], plan.spread(lam)  # plan.share_sigma is 0 here: the shares as they are
         yy, xx = np.mgrid[y0:y1, x0:x1]
         scored = ((yy >= frame) & (yy < H - frame) & (xx >= frame) & (xx < W - frame))[..., None, None]
-        for i, s in enumerate(widths):
-            err = (scan_smooth_at(own, s, *inner) * totals - yi) ** 2
-            risks[i] += float((err * scored).sum(dtype=np.float64))
+        return [float((((scan_smooth_at(own, s, *inner) * totals - yi) ** 2) * scored).sum(dtype=np.float64))
+                for s in widths]
+
+    risks = _summed(score, raw, den, sample_chunks, math.ceil(TRUNCATE * max(widths)))
     return float(widths[int(np.argmin(risks))])
 
 
@@ -609,15 +626,20 @@ def _choose_gain(raw, den, plan: RegionPlan, sample_chunks: int, gain: np.ndarra
     _, part = np.unique(plan.labels * (ring.max() + 1) + ring, return_inverse=True)  # (region, ring) of each pixel
     part = part.ravel()
     member = sparse.csr_matrix((np.ones(part.size, np.float32), (np.arange(part.size), part)))  # pixel -> part
-    risks = np.zeros(len(GAIN_POWERS))
-    for y, lam, _, _, (ya, xa) in _samples(raw, den, sample_chunks, 0):  # no halo: the whole block is scored
+
+    def score(sample) -> list[float]:
+        y, lam, _, _, (ya, xa) = sample
         totals = plan.expand(np.maximum(plan.fused_totals(lam, ya, xa), 0))
-        for i, a in enumerate(GAIN_POWERS):
+        risks = []
+        for a in GAIN_POWERS:
             share = replace(plan, share_gain=(gain ** a).astype(np.float32)).spread(lam)
             flat = share.reshape(-1, part.size)
             inside = np.asarray(member.T.dot(flat.T).T)[:, part].reshape(share.shape)  # S
             div = a * share * (1 - inside) * inv_y * totals * y
-            risks[i] += float(((share * totals - y) ** 2 + 2 * div).sum(dtype=np.float64))
+            risks.append(float(((share * totals - y) ** 2 + 2 * div).sum(dtype=np.float64)))
+        return risks
+
+    risks = _summed(score, raw, den, sample_chunks, 0)  # no halo: the whole block is scored
     return float(GAIN_POWERS[int(np.argmin(risks))])
 
 
@@ -631,20 +653,25 @@ def _choose_detail(raw, den, plan: RegionPlan, sample_chunks: int) -> tuple[floa
     cands = [(s, d) for d in DETAIL_DETECTOR for s in DETAIL_SIGMAS]
     # the scan Gaussian's weight on each position itself: larger near the scan's edges (reflected there)
     own_scan = {s: own_weights((H, W), s) for s in DETAIL_SIGMAS}
-    stats = np.zeros((len(cands), 3))  # <a, b>, |a|², the correction's weight on own counts x counts
-    for y, lam, inner, (y0, y1, x0, x1), (ya, xa) in _samples(raw, den, sample_chunks, halo):
+
+    def score(sample) -> np.ndarray:  # per candidate: <a, b>, |a|², the correction's weight on own counts x counts
+        y, lam, inner, (y0, y1, x0, x1), (ya, xa) = sample
+        stats = np.zeros((len(cands), 3))
         share = plan.spread(lam)
         yi, si = y[inner], share[inner]
         b = si * plan.expand(np.maximum(plan.fused_totals(lam, ya, xa), 0)[inner]) - yi
         for d in DETAIL_DETECTOR:
             detail = plan.detail(y, share, d)
-            own_d = plan.detail_own(share[inner], d)  # per position: the centre alone
+            own_d = plan.detail_own(si, d)  # per position: the centre alone
             for s in DETAIL_SIGMAS:
-                i = cands.index((s, d))
                 corr = scan_smooth_at(detail, s, *inner)
                 own_s = own_scan[s][y0:y1, x0:x1, None, None]
-                stats[i] += (float((corr * b).sum(dtype=np.float64)), float((corr * corr).sum(dtype=np.float64)),
-                             float((own_s * own_d * yi).sum(dtype=np.float64)))
+                stats[cands.index((s, d))] = (float((corr * b).sum(dtype=np.float64)),
+                                              float((corr * corr).sum(dtype=np.float64)),
+                                              float((own_s * own_d * yi).sum(dtype=np.float64)))
+        return stats
+
+    stats = _summed(score, raw, den, sample_chunks, halo)
     # SURE(g) = 2 g (<a, b> + own) + g² |a|² + terms that do not depend on the candidate
     best = (0.0, 0.0, 0.0, 0.0)
     for (s, d), (ab, aa, own) in zip(cands, stats, strict=True):
@@ -706,7 +733,7 @@ def fuse_into(out: zarr.Array, raw, den, plan: Plan | RegionPlan | float, detect
     if chunks is None:
         chunks = range(grid.n_tiles)
     if threads is None:
-        threads = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
+        threads = _threads()
     with ThreadPoolExecutor(threads) as pool:
         pending: deque[Future] = deque()
         for t in chunks:
