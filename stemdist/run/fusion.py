@@ -111,6 +111,8 @@ DETAIL_DETECTOR = (0.0, 1.0)  # detector widths tried for the detail's correctio
 # the whole pattern's total is kept at its mean where its raw image's variation is within this many standard
 # errors of Poisson noise's (:func:`stemdist.quality.sure.dispersion_z`; README, Quality: flat totals)
 FLAT_Z = 3.0
+PLAN_BYTES = 2 * 2**30  # the plan scores chunks at once while their blocks' working copies fit in this
+PLAN_COPIES = 5  # working copies of a block a chunk's score holds at its peak (measured: 1.5 GB for a 0.3 GB block)
 SAMPLE_CHUNKS = 12  # scan chunks whose every pixel scores the detail's candidates
 SHARE_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)  # scan widths tried for the network's shares (up to a cap)
 
@@ -563,10 +565,14 @@ def _sample(raw, den, grid: Grid, t: int, halo: int):
 def _summed(score, raw, den, sample_chunks: int, halo: int) -> np.ndarray:
     """``score(sample)`` (an array) summed over up to ``sample_chunks`` scan chunks spread over the scan, each
     read with ``halo`` positions around it (:func:`_sample`). Chunks are scored up to :func:`_threads` at once
-    (NumPy and SciPy release the GIL) and summed in their order, so the sum does not depend on the threads."""
+    (NumPy and SciPy release the GIL), fewer where their blocks would hold more than :data:`PLAN_BYTES`, and
+    summed in their order, so the sum does not depend on the threads."""
     grid = Grid.of(raw)
     picks = sorted(set(np.linspace(0, grid.n_tiles - 1, min(sample_chunks, grid.n_tiles)).round().astype(int)))
-    with ThreadPoolExecutor(_threads()) as pool:
+    block = (min(grid.ty + 2 * halo, grid.H) * min(grid.tx + 2 * halo, grid.W)
+             * int(np.prod(raw.shape[2:])) * 4)  # float32 bytes of one block with its halo
+    threads = max(1, min(_threads(), int(PLAN_BYTES // (PLAN_COPIES * block))))
+    with ThreadPoolExecutor(threads) as pool:
         scores = list(pool.map(lambda t: np.asarray(score(_sample(raw, den, grid, t, halo)), np.float64), picks))
     total = np.zeros_like(scores[0])
     for x in scores:
