@@ -12,7 +12,6 @@ Headline: the plan's seconds at the largest detector (goal <= 60 s: a minute whi
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np
@@ -67,9 +66,8 @@ def run(args: argparse.Namespace) -> int:
     with common.workdir(args.workdir, "stemdist-bench-fusion-") as root:
         for det in args.dets:
             rows.append(_case(root, args.scan, det, args.sectors, args.threads, args.seed))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"fusion benchmark: {args.scan}x{args.scan} scans, {args.sectors} sectors per ring, the write "
-          f"{args.threads} chunk(s) at a time; {cores} cores (NumPy's BLAS may use them all in the plan)")
+          f"{args.threads} chunk(s) at a time, the plan up to {fusion.chunk_threads()} (fewer for large blocks)")
     print(common.table(["patterns", "tile", "chunks scored", "plan s", "write s", "write patterns/s",
                         "shares / detail s"], rows))
     plan_s = float(rows[-1][3])

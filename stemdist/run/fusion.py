@@ -564,14 +564,14 @@ def _sample(raw, den, grid: Grid, t: int, halo: int):
 
 def _summed(score, raw, den, sample_chunks: int, halo: int) -> np.ndarray:
     """``score(sample)`` (an array) summed over up to ``sample_chunks`` scan chunks spread over the scan, each
-    read with ``halo`` positions around it (:func:`_sample`). Chunks are scored up to :func:`_threads` at once
+    read with ``halo`` positions around it (:func:`_sample`). Chunks are scored up to :func:`chunk_threads` at once
     (NumPy and SciPy release the GIL), fewer where their blocks would hold more than :data:`PLAN_BYTES`, and
     summed in their order, so the sum does not depend on the threads."""
     grid = Grid.of(raw)
     picks = sorted(set(np.linspace(0, grid.n_tiles - 1, min(sample_chunks, grid.n_tiles)).round().astype(int)))
     block = (min(grid.ty + 2 * halo, grid.H) * min(grid.tx + 2 * halo, grid.W)
              * int(np.prod(raw.shape[2:])) * 4)  # float32 bytes of one block with its halo
-    threads = max(1, min(_threads(), int(PLAN_BYTES // (PLAN_COPIES * block))))
+    threads = max(1, min(chunk_threads(), int(PLAN_BYTES // (PLAN_COPIES * block))))
     with ThreadPoolExecutor(threads) as pool:
         scores = list(pool.map(lambda t: np.asarray(score(_sample(raw, den, grid, t, halo)), np.float64), picks))
     total = np.zeros_like(scores[0])
@@ -580,7 +580,7 @@ def _summed(score, raw, den, sample_chunks: int, halo: int) -> np.ndarray:
     return total
 
 
-def _threads() -> int:
+def chunk_threads() -> int:
     """Threads for the fusion's chunks: up to 4 of this process's CPUs (each holds a block and its halo)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     return max(1, min(4, cpus))
@@ -739,7 +739,7 @@ def fuse_into(out: zarr.Array, raw, den, plan: Plan | RegionPlan | float, detect
     if chunks is None:
         chunks = range(grid.n_tiles)
     if threads is None:
-        threads = _threads()
+        threads = chunk_threads()
     with ThreadPoolExecutor(threads) as pool:
         pending: deque[Future] = deque()
         for t in chunks:
